@@ -1,0 +1,193 @@
+"""Input checking and numpy/torch conversion shared by every public op.
+
+Every public op funnels its arguments through :func:`prepare`, which returns a :class:`Problem` holding torch
+tensors in one dtype on one device, with ``alpha`` always 2-D.  Errors name the offending argument:
+``TypeError`` for a wrong kind of object or dtype, ``ValueError`` for a wrong shape or value.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import numpy as np
+import torch
+
+KERNELS = ("laplace", "gaussian")
+FLOAT_DTYPES = (torch.float32, torch.float64)
+# Half-precision inputs are accepted only by backends that accumulate in fp32 (Triton); the rest refuse them.
+HALF_DTYPES = (torch.float16, torch.bfloat16)
+
+
+@dataclass
+class Problem:
+    """Canonical, validated arguments of one op call (all torch, one dtype, one device)."""
+
+    x: torch.Tensor  # (m, d) evaluation points
+    centers: torch.Tensor  # (n, d)
+    alpha: Optional[torch.Tensor]  # (n, c) or None for kernel_matrix
+    M: Optional[torch.Tensor]  # None, (d,) or (d, d)
+    kernel: str
+    bandwidth: float
+    squeeze_c: bool  # alpha was 1-D: drop the c axis of the outputs
+    numpy_out: bool  # inputs were numpy: return numpy
+
+    @property
+    def device(self) -> torch.device:
+        return self.x.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.x.dtype
+
+    def output(self, result: torch.Tensor) -> Any:
+        return result.cpu().numpy() if self.numpy_out else result
+
+
+def _to_tensor(name: str, value: Any) -> torch.Tensor:
+    if isinstance(value, torch.Tensor):
+        return value
+    if isinstance(value, np.ndarray):
+        if not (np.issubdtype(value.dtype, np.floating) or np.issubdtype(value.dtype, np.integer)):
+            raise TypeError(f"{name} must hold real numbers, got numpy dtype {value.dtype}")
+        return torch.from_numpy(np.ascontiguousarray(value) if value.dtype.byteorder == ">" else value)
+    raise TypeError(f"{name} must be a numpy array or a torch tensor, got {type(value).__name__}")
+
+
+def _check_finite(name: str, t: torch.Tensor) -> None:
+    if t.numel() and not bool(torch.isfinite(t).all()):
+        raise ValueError(f"{name} contains NaN or inf")
+
+
+def check_kernel(kernel: Any) -> str:
+    if not isinstance(kernel, str) or kernel.lower() not in KERNELS:
+        raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
+    return kernel.lower()
+
+
+def check_bandwidth(bandwidth: Any) -> float:
+    if isinstance(bandwidth, torch.Tensor) and bandwidth.numel() == 1:
+        bandwidth = bandwidth.item()
+    elif isinstance(bandwidth, np.ndarray) and bandwidth.size == 1:
+        bandwidth = bandwidth.item()
+    if isinstance(bandwidth, bool) or not isinstance(bandwidth, numbers.Real):
+        raise TypeError(f"bandwidth must be a real number, got {type(bandwidth).__name__}")
+    bandwidth = float(bandwidth)
+    if not math.isfinite(bandwidth) or bandwidth <= 0.0:
+        raise ValueError(f"bandwidth must be finite and > 0, got {bandwidth}")
+    return bandwidth
+
+
+def check_flag(name: str, value: Any) -> bool:
+    if not isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
+    return bool(value)
+
+
+def _check_M(M: Any, d: int, like: torch.Tensor) -> Optional[torch.Tensor]:
+    if M is None:
+        return None
+    M = _to_tensor("M", M)
+    if M.is_complex() or M.dtype == torch.bool:
+        raise TypeError(f"M must hold real numbers, got {M.dtype}")
+    if M.ndim == 1:
+        if M.shape[0] != d:
+            raise ValueError(f"M given as a diagonal must have shape ({d},), got {tuple(M.shape)}")
+    elif M.ndim == 2:
+        if tuple(M.shape) != (d, d):
+            raise ValueError(f"M must have shape ({d}, {d}) or ({d},), got {tuple(M.shape)}")
+    else:
+        raise ValueError(f"M must be None, a (d,) diagonal or a (d, d) matrix, got ndim={M.ndim}")
+    M = M.to(device=like.device)
+    _check_finite("M", M)
+    M64 = M.to(torch.float64)
+    diag = M64 if M.ndim == 1 else torch.diagonal(M64)
+    if bool((diag < 0).any()):
+        raise ValueError("M must be positive semi-definite: it has a negative diagonal entry")
+    if M.ndim == 2:
+        scale = float(M64.abs().max()) if M64.numel() else 0.0
+        # Symmetric up to the rounding of the dtype M arrived in (an AGOP computed in fp32 is symmetric to ~1e-7).
+        eps = torch.finfo(M.dtype).eps if M.dtype.is_floating_point else torch.finfo(torch.float64).eps
+        tol = 64 * eps * max(scale, 1e-300)
+        if float((M64 - M64.T).abs().max()) > tol:
+            raise ValueError("M must be symmetric")
+    return M.to(like.dtype)
+
+
+def prepare(
+    x: Any,
+    centers: Any,
+    alpha: Any,
+    M: Any,
+    kernel: Any,
+    bandwidth: Any,
+    *,
+    need_alpha: bool,
+    allow_half: bool = False,
+    allow_empty_x: bool = True,
+) -> Problem:
+    """Validate and canonicalise the arguments of a public op.
+
+    The output kind (numpy or torch), dtype and device follow ``x``.  ``centers`` must match ``x`` in dtype;
+    ``alpha`` and ``M`` are cast to it.  numpy inputs are used without copying where possible.
+    """
+    kernel = check_kernel(kernel)
+    bandwidth = check_bandwidth(bandwidth)
+    numpy_out = isinstance(x, np.ndarray)
+    xt = _to_tensor("x", x)
+    ct = _to_tensor("centers", centers)
+    allowed = FLOAT_DTYPES + (HALF_DTYPES if allow_half else ())
+    if xt.dtype not in allowed:
+        raise TypeError(f"x must have a floating dtype in {[str(t) for t in allowed]}, got {xt.dtype}")
+    if ct.dtype != xt.dtype:
+        raise TypeError(f"centers must have the same dtype as x ({xt.dtype}), got {ct.dtype}")
+    if xt.ndim != 2:
+        raise ValueError(f"x must be 2-D (m, d), got shape {tuple(xt.shape)}")
+    if ct.ndim != 2:
+        raise ValueError(f"centers must be 2-D (n, d), got shape {tuple(ct.shape)}")
+    if ct.device != xt.device:
+        raise ValueError(f"centers is on {ct.device} but x is on {xt.device}")
+    m, d = xt.shape
+    n = ct.shape[0]
+    if ct.shape[1] != d:
+        raise ValueError(f"centers must have d = {d} columns like x, got shape {tuple(ct.shape)}")
+    if d == 0:
+        raise ValueError("x must have at least one feature column (d >= 1)")
+    if n == 0:
+        raise ValueError("centers must hold at least one row")
+    if m == 0 and not allow_empty_x:
+        raise ValueError("x must hold at least one evaluation point (the AGOP of an empty set is undefined)")
+    _check_finite("x", xt)
+    _check_finite("centers", ct)
+
+    at = None
+    squeeze_c = False
+    if need_alpha:
+        at = _to_tensor("alpha", alpha)
+        if not (at.dtype.is_floating_point or at.dtype in (torch.int32, torch.int64)):
+            raise TypeError(f"alpha must be real, got {at.dtype}")
+        if at.ndim == 1:
+            squeeze_c = True
+            at = at[:, None]
+        elif at.ndim != 2:
+            raise ValueError(f"alpha must be 1-D (n,) or 2-D (n, c), got shape {tuple(at.shape)}")
+        if at.shape[0] != n:
+            raise ValueError(f"alpha must have n = {n} rows (one per centre), got shape {tuple(at.shape)}")
+        if at.shape[1] == 0:
+            raise ValueError("alpha must have at least one column")
+        if at.device != xt.device:
+            raise ValueError(f"alpha is on {at.device} but x is on {xt.device}")
+        at = at.to(xt.dtype)
+        _check_finite("alpha", at)
+    Mt = _check_M(M, d, xt)
+    return Problem(xt, ct, at, Mt, kernel, bandwidth, squeeze_c, numpy_out)
+
+
+def finish(problem: Problem, result: torch.Tensor, squeeze_axis: Optional[int] = None) -> Any:
+    """Drop the c axis for 1-D alpha and convert back to numpy when the inputs were numpy."""
+    if problem.squeeze_c and squeeze_axis is not None:
+        result = result.squeeze(squeeze_axis)
+    return problem.output(result)
+

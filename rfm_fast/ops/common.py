@@ -1,0 +1,214 @@
+"""Tile helpers shared by the fast paths: the metric transform, squared-distance tiles with exact zero handling,
+and tile planning under a memory budget.
+
+The fast paths work in Euclidean coordinates: with S = M^{1/2} (symmetric square root), ||u||_M = ||S u||, so
+z' = z S and x' = x S turn every Mahalanobis kernel into a plain Euclidean one, and the gradient and the AGOP
+map back as J = J' S and AGOP = S AGOP' S (see CONVENTIONS.md: M (z - x) = S (S (z - x))).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import NamedTuple, Optional
+
+import torch
+
+# A squared distance below RECHECK_RTOL * (||z||^2 + ||x||^2) (centred norms) is recomputed exactly from the
+# difference z - x: there the GEMM expansion has lost most of its digits. fp32: relative error at the boundary
+# ~1e-4 in r^2 at d = 64; fp64: ~1e-8. Exact duplicates come out as exactly 0.
+RECHECK_RTOL = {torch.float16: 2.0**-4, torch.bfloat16: 2.0**-4, torch.float32: 2.0**-8, torch.float64: 2.0**-26}
+# At or below this dimension, distances are formed directly from differences: as cheap as the GEMM and exact.
+DIRECT_DISTANCE_MAX_D = 4
+# Gathered differences for the exact recheck are formed this many elements at a time (bounded working memory).
+RECHECK_CHUNK_ELEMS = 2**20
+
+
+def metric_sqrt(M: Optional[torch.Tensor], dtype: torch.dtype) -> Optional[torch.Tensor]:
+    """S = M^{1/2}: None for the identity, a (d,) vector for a diagonal M, a symmetric (d, d) matrix otherwise.
+
+    Computed in float64 (eigh for a dense M); eigenvalues below zero by more than rounding raise ValueError,
+    those within rounding are clipped to 0.
+    """
+    if M is None:
+        return None
+    M64 = M.to(torch.float64)
+    if M.ndim == 1:
+        return M64.clamp_min(0).sqrt().to(dtype)
+    evals, evecs = torch.linalg.eigh(0.5 * (M64 + M64.T))
+    top = float(evals.abs().max()) if evals.numel() else 0.0
+    eps = torch.finfo(M.dtype).eps if M.dtype.is_floating_point else torch.finfo(torch.float64).eps
+    if top > 0 and float(evals.min()) < -math.sqrt(eps) * top:
+        raise ValueError(f"M must be positive semi-definite: smallest eigenvalue {float(evals.min()):.3g} "
+                         f"against largest {top:.3g}")
+    root = (evecs * evals.clamp_min(0).sqrt()) @ evecs.T
+    return (0.5 * (root + root.T)).to(dtype)
+
+
+def apply_metric(t: torch.Tensor, S: Optional[torch.Tensor]) -> torch.Tensor:
+    """Rows of t mapped by S (t S); S is None, (d,) or (d, d) symmetric."""
+    if S is None:
+        return t
+    return t * S if S.ndim == 1 else t @ S
+
+
+def agop_from_euclidean(A: torch.Tensor, S: Optional[torch.Tensor]) -> torch.Tensor:
+    """AGOP = S A' S for the AGOP A' computed in Euclidean coordinates."""
+    if S is None:
+        return A
+    if S.ndim == 1:
+        return A * S[:, None] * S[None, :]
+    return S @ A @ S
+
+
+def exact_sq_dist(z: torch.Tensor, x: torch.Tensor, M: Optional[torch.Tensor]) -> torch.Tensor:
+    """Row-wise (z_k - x_k)^T M (z_k - x_k) from the differences themselves: exactly 0 for equal rows."""
+    diff = z - x
+    if M is None:
+        return (diff * diff).sum(-1)
+    if M.ndim == 1:
+        return (diff * diff * M).sum(-1)
+    return ((diff @ M) * diff).sum(-1)
+
+
+class NearPairs(NamedTuple):
+    """Pairs of a tile whose distance was recomputed exactly: local row and column indices, and s * ||z - x||_M^2
+    (unsigned, scaled like the tile). Exactly-zero pairs are among them with ``scaled_sq == 0``."""
+
+    rows: torch.Tensor
+    cols: torch.Tensor
+    scaled_sq: torch.Tensor
+
+
+class DistanceTiles:
+    """Scaled squared distances ``sign * scale * ||z_j - x_i||_M^2`` tile by tile.
+
+    Built once per call: centred, metric-transformed copies of the points, their squared norms, and augmented
+    factors so that one GEMM gives a whole tile, norms included:
+        [z', ||z'||^2, 1] @ [-2 s x', s, s ||x'||^2]^T = s (||z'||^2 + ||x'||^2 - 2 z'.x') = s ||z - x||_M^2.
+    Pairs where that expansion is within rounding of zero are recomputed exactly from the original points and M,
+    so a point equal to a centre has distance exactly 0 and near-duplicates keep their true distance.
+
+    ``sign = -1`` yields negated distances (the Gaussian exponent directly, saving a pass).
+    """
+
+    def __init__(self, z: torch.Tensor, x: torch.Tensor, M: Optional[torch.Tensor], S: Optional[torch.Tensor],
+                 scale: float, sign: float = 1.0):
+        self.z, self.x, self.M = z, x, M
+        self.scale, self.sign = scale, sign
+        self.d = z.shape[1]
+        self.direct = self.d <= DIRECT_DISTANCE_MAX_D
+        self.rtol = RECHECK_RTOL[z.dtype]
+        zt, xt = apply_metric(z, S), apply_metric(x, S)
+        # Centring at the centres' mean keeps the expansion's cancellation error proportional to the spread of the
+        # data rather than its offset from the origin; distances and z - x are unchanged by it.
+        shift = xt.mean(0, keepdim=True)
+        self.zc = zt - shift
+        self.xc = xt - shift
+        if self.direct:
+            return
+        self.zn = (self.zc * self.zc).sum(1)
+        self.xn = (self.xc * self.xc).sum(1)
+        ones_z = torch.ones_like(self.zn)
+        self.z_aug = torch.cat([self.zc, self.zn[:, None], ones_z[:, None]], dim=1)
+        s = sign * scale
+        self.x_aug_t = torch.cat([(-2.0 * s) * self.xc, torch.full_like(self.xn, s)[:, None],
+                                  (s * self.xn)[:, None]], dim=1).T.contiguous()
+
+    def fill(self, rows: slice, cols: slice, out: torch.Tensor) -> Optional[NearPairs]:
+        """Write the (rows, cols) tile into ``out`` (shape (len rows, len cols)).
+
+        Returns the pairs whose distance was recomputed exactly (GEMM mode: near-zero pairs; direct mode: exact
+        zeros), or None. Gradient code treats them apart: their expanded contribution w (z - x) would cancel
+        catastrophically, so it is zeroed in the tile and added back from the exact difference."""
+        if self.direct:
+            return self._fill_direct(rows, cols, out)
+        torch.mm(self.z_aug[rows], self.x_aug_t[:, cols], out=out)
+        # Rows that may hold a near-zero pair: a cheap per-row test with the tile's largest centre norm.
+        s = self.scale
+        zn = self.zn[rows]
+        xn = self.xn[cols]
+        bound = (self.rtol * s) * (zn + xn.max())
+        extreme = out.amin(1) if self.sign > 0 else -out.amax(1)
+        suspect = torch.nonzero(extreme <= bound).flatten()
+        if suspect.numel() == 0:
+            return None
+        return self._recheck(rows, cols, out, suspect, zn, xn)
+
+    def _recheck(self, rows, cols, out, suspect, zn, xn):
+        sub = out[suspect] * self.sign
+        thresh = (self.rtol * self.scale) * (zn[suspect, None] + xn[None, :])
+        local = torch.nonzero(sub <= thresh)
+        if local.numel() == 0:
+            return None
+        r_idx = suspect[local[:, 0]]
+        c_idx = local[:, 1]
+        z, x = self.z[rows], self.x[cols]
+        exact = torch.empty(r_idx.shape[0], dtype=out.dtype, device=out.device)
+        step = max(1, RECHECK_CHUNK_ELEMS // self.d)
+        for start in range(0, r_idx.shape[0], step):
+            part = slice(start, start + step)
+            exact[part] = exact_sq_dist(z[r_idx[part]], x[c_idx[part]], self.M)
+        exact.mul_(self.scale)
+        out[r_idx, c_idx] = self.sign * exact
+        return NearPairs(r_idx, c_idx, exact)
+
+    def _fill_direct(self, rows, cols, out):
+        # Small d: sum the metric-weighted products of the coordinate differences of the original points. Exact for
+        # equal rows (every difference is 0), so zeros need no recheck.
+        z, x, M = self.z[rows], self.x[cols], self.M
+        out.zero_()
+        for k in range(self.d):
+            dk = z[:, k, None] - x[None, :, k]
+            if M is None:
+                out.addcmul_(dk, dk)
+            elif M.ndim == 1:
+                out.addcmul_(dk, dk, value=float(M[k]))
+            else:
+                out.addcmul_(dk, dk, value=float(M[k, k]))
+                for j in range(k + 1, self.d):
+                    out.addcmul_(dk, z[:, j, None] - x[None, :, j], value=2.0 * float(M[k, j]))
+        if M is not None and M.ndim == 2:
+            out.clamp_min_(0)
+        out.mul_(self.sign * self.scale)
+        zero = torch.nonzero(out == 0)
+        if zero.numel() == 0:
+            return None
+        return NearPairs(zero[:, 0], zero[:, 1], out.new_zeros(zero.shape[0]))
+
+
+@dataclass
+class TilePlan:
+    rows: int  # evaluation points per tile
+    cols: int  # centres per tile
+
+    def row_blocks(self, m: int):
+        for start in range(0, m, self.rows):
+            yield slice(start, min(start + self.rows, m))
+
+    def col_blocks(self, n: int):
+        for start in range(0, n, self.cols):
+            yield slice(start, min(start + self.cols, n))
+
+
+# Tiles of ~256 x 2048 fp32 keep two of them within the 2 MiB L2 of each core for the elementwise passes, while
+# the GEMMs they feed stay large enough to run near peak.
+PREFERRED_ROWS = 256
+PREFERRED_COLS = 2048
+
+
+def plan_tiles(m: int, n: int, itemsize: int, budget: int, *, tile_buffers: int, row_bytes: int,
+               col_bytes: int = 0) -> TilePlan:
+    """Choose tile sizes so that ``tile_buffers`` (rows x cols) buffers plus ``row_bytes`` per tile row and
+    ``col_bytes`` per tile column fit in ``budget`` bytes."""
+    cols = max(1, min(n, PREFERRED_COLS))
+    rows = max(1, min(m, PREFERRED_ROWS))
+
+    def cost(r, c):
+        return tile_buffers * r * c * itemsize + r * row_bytes + c * col_bytes
+
+    while cost(rows, cols) > budget and rows > 8:
+        rows //= 2
+    while cost(rows, cols) > budget and cols > 64:
+        cols //= 2
+    return TilePlan(rows=max(1, rows), cols=max(1, cols))

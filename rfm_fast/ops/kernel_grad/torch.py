@@ -1,0 +1,165 @@
+"""Fast gradient of the kernel predictor on the torch path.
+
+With w_ji the gradient weight of pair (j, i) and V the rows alpha_i (x) x_i (CONVENTIONS.md),
+    J_j = (W alpha)_j z_j^T - reshape_{c x d}((W V)_j)
+so a tile of evaluation points needs, per tile of centres, one distance GEMM, a few in-place elementwise passes
+for the weights, and one GEMM W_tile @ [alpha | V]_tile into a (rows, c + c d) accumulator. This runs in
+Euclidean coordinates (z S, x S with S = M^{1/2}), centred at the centres' mean, and J = J' S at the end.
+
+Near field: for a pair at tiny distance the two expanded terms w alpha z and w alpha x nearly cancel (and the
+Laplace weight ~ 1/r is huge), so the expansion loses every digit of their difference. Pairs the distance tiles
+flag as near (see ``DistanceTiles``) get weight 0 in the tile and their contribution w alpha (z - x) is added
+from the exact difference instead; a pair at distance exactly 0 contributes 0 (CONVENTIONS.md).
+
+For d <= DIRECT_DISTANCE_MAX_D the gradient is formed directly, J' = sum_k ((W * D_k) @ alpha) e_k with D_k the
+coordinate differences, in the original coordinates (then J = J' M): no expansion, no cancellation.
+
+Nothing of size m x n outlives a tile; V is kept whole when it fits in half the budget, else built per tile.
+"""
+
+from __future__ import annotations
+
+from typing import Iterator, Optional
+
+import torch
+
+from ..common import RECHECK_CHUNK_ELEMS, DistanceTiles, NearPairs, apply_metric, metric_sqrt, plan_tiles
+
+
+def _laplace_weights_(tile: torch.Tensor, scratch: torch.Tensor) -> None:
+    """(r/L)^2 -> exp(-r/L) / (r/L) in place, as 1 / (r' e^{r'}): four passes; overflow of e^{r'} gives 0."""
+    tile.sqrt_()
+    torch.exp(tile, out=scratch)
+    tile.mul_(scratch).reciprocal_()
+
+
+def _weights_(tile: torch.Tensor, kernel: str, scratch: torch.Tensor) -> None:
+    """Scaled distances -> gradient weights up to the common factor -1/L^2 (Laplace: e^{-r'}/r' with r' = r/L;
+    Gaussian: the tile holds -r^2/(2L^2) and becomes the kernel value)."""
+    if kernel == "laplace":
+        _laplace_weights_(tile, scratch)
+    else:
+        tile.exp_()
+
+
+def _near_weights(scaled_sq: torch.Tensor, kernel: str) -> torch.Tensor:
+    """The same weights for the exactly recomputed pairs; 0 at distance 0."""
+    if kernel == "laplace":
+        r = scaled_sq.sqrt()
+        w = torch.exp(-r) / r
+        return torch.where(r > 0, w, torch.zeros_like(w))
+    return torch.where(scaled_sq > 0, torch.exp(-scaled_sq), torch.zeros_like(scaled_sq))
+
+
+def _stacked_coefficients(alpha: torch.Tensor, xc: torch.Tensor) -> torch.Tensor:
+    """[alpha | alpha (x) x] as an (n, c + c d) matrix: the right-hand side of the W GEMM."""
+    n, c = alpha.shape
+    d = xc.shape[1]
+    out = torch.empty(n, c + c * d, dtype=alpha.dtype, device=alpha.device)
+    out[:, :c] = alpha
+    torch.mul(alpha[:, :, None], xc[:, None, :], out=out[:, c:].view(n, c, d))
+    return out
+
+
+def _add_near_field(J: torch.Tensor, near: NearPairs, z: torch.Tensor, x: torch.Tensor, alpha: torch.Tensor,
+                    S: Optional[torch.Tensor], kernel: str) -> None:
+    """J[j] += w_ji alpha_i (x) ((z_j - x_i) S) for the near pairs of one tile (z, x, alpha already sliced)."""
+    keep = near.scaled_sq > 0
+    if not bool(keep.any()):
+        return
+    r_idx, c_idx = near.rows[keep], near.cols[keep]
+    w = _near_weights(near.scaled_sq[keep], kernel)
+    c, d = alpha.shape[1], z.shape[1]
+    step = max(1, RECHECK_CHUNK_ELEMS // (c * d))
+    for start in range(0, r_idx.shape[0], step):
+        part = slice(start, start + step)
+        diff = apply_metric(z[r_idx[part]] - x[c_idx[part]], S)
+        contrib = (w[part, None] * alpha[c_idx[part]])[:, :, None] * diff[:, None, :]
+        J.index_add_(0, r_idx[part], contrib)
+
+
+def gradient_tiles(z: torch.Tensor, x: torch.Tensor, alpha: torch.Tensor, M: Optional[torch.Tensor],
+                   kernel: str, bandwidth: float, memory_budget: int
+                   ) -> Iterator[tuple[slice, torch.Tensor, Optional[torch.Tensor]]]:
+    """Yield (rows, J_raw, P) per block of evaluation points, with J = -(1/L^2) J_raw P: P = S = M^{1/2} in GEMM
+    mode, P = M in direct mode (None for the identity). J_raw (rows, c, d) is a reused buffer."""
+    m, n, d, c = z.shape[0], x.shape[0], z.shape[1], alpha.shape[1]
+    S = metric_sqrt(M, z.dtype)
+    if kernel == "laplace":
+        tiles = DistanceTiles(z, x, M, S, scale=1.0 / bandwidth**2, sign=1.0)
+    else:
+        tiles = DistanceTiles(z, x, M, S, scale=0.5 / bandwidth**2, sign=-1.0)
+    if tiles.direct:
+        yield from _direct_gradient_tiles(z, x, alpha, M, kernel, tiles, memory_budget)
+        return
+    item = z.element_size()
+    width = c + c * d
+    whole_v = n * width * item <= memory_budget // 2
+    coeffs = _stacked_coefficients(alpha, tiles.xc) if whole_v else None
+    budget = memory_budget - (n * width * item if whole_v else 0)
+    plan = plan_tiles(m, n, item, budget, tile_buffers=2, row_bytes=(width + 2 * c * d) * item,
+                      col_bytes=0 if whole_v else width * item)
+    tile_buf = torch.empty(plan.rows * plan.cols, dtype=z.dtype, device=z.device)
+    scratch_buf = torch.empty_like(tile_buf) if kernel == "laplace" else None
+    acc_buf = torch.empty(plan.rows, width, dtype=z.dtype, device=z.device)
+    grad_buf = torch.empty(plan.rows, c, d, dtype=z.dtype, device=z.device)
+    near_buf = None
+    for rows in plan.row_blocks(m):
+        nr = rows.stop - rows.start
+        acc = acc_buf[:nr].zero_()
+        near_acc = None
+        for cols in plan.col_blocks(n):
+            size = nr * (cols.stop - cols.start)
+            tile = tile_buf[:size].view(nr, -1)
+            near = tiles.fill(rows, cols, tile)
+            _weights_(tile, kernel, None if scratch_buf is None else scratch_buf[:size].view(nr, -1))
+            if near is not None:
+                tile[near.rows, near.cols] = 0
+                if near_acc is None:
+                    if near_buf is None:
+                        near_buf = torch.empty_like(grad_buf)
+                    near_acc = near_buf[:nr].zero_()
+                _add_near_field(near_acc, near, z[rows], x[cols], alpha[cols], S, kernel)
+            rhs = coeffs[cols] if whole_v else _stacked_coefficients(alpha[cols], tiles.xc[cols])
+            acc.addmm_(tile, rhs)
+        J = torch.mul(acc[:, :c, None], tiles.zc[rows, None, :], out=grad_buf[:nr])
+        J.sub_(acc[:, c:].view(nr, c, d))
+        if near_acc is not None:
+            J.add_(near_acc)
+        yield rows, J, S
+
+
+def _direct_gradient_tiles(z, x, alpha, M, kernel, tiles, memory_budget):
+    m, n, d, c = z.shape[0], x.shape[0], z.shape[1], alpha.shape[1]
+    item = z.element_size()
+    plan = plan_tiles(m, n, item, memory_budget, tile_buffers=3, row_bytes=c * d * item)
+    tile_buf = torch.empty(plan.rows * plan.cols, dtype=z.dtype, device=z.device)
+    scratch_buf = torch.empty_like(tile_buf)
+    diff_buf = torch.empty_like(tile_buf)
+    grad_buf = torch.empty(plan.rows, d, c, dtype=z.dtype, device=z.device)
+    for rows in plan.row_blocks(m):
+        nr = rows.stop - rows.start
+        acc = grad_buf[:nr].zero_()  # (rows, d, c): each acc[:, k] is a BLAS-friendly strided matrix
+        for cols in plan.col_blocks(n):
+            size = nr * (cols.stop - cols.start)
+            tile = tile_buf[:size].view(nr, -1)
+            diff = diff_buf[:size].view(nr, -1)
+            near = tiles.fill(rows, cols, tile)
+            _weights_(tile, kernel, scratch_buf[:size].view(nr, -1))
+            if near is not None:
+                tile[near.rows, near.cols] = 0  # exactly-zero pairs only, in direct mode
+            for k in range(d):
+                torch.sub(z[rows, k, None], x[None, cols, k], out=diff)
+                diff.mul_(tile)
+                acc[:, k].addmm_(diff, alpha[cols])
+        yield rows, acc.transpose(1, 2), M
+
+
+def kernel_grad(z: torch.Tensor, x: torch.Tensor, alpha: torch.Tensor, M: Optional[torch.Tensor], kernel: str,
+                bandwidth: float, memory_budget: int) -> torch.Tensor:
+    """z (m, d), x (n, d), alpha (n, c) -> J (m, c, d), J[j] = d f / d z at z_j."""
+    m, d, c = z.shape[0], z.shape[1], alpha.shape[1]
+    out = torch.empty(m, c, d, dtype=z.dtype, device=z.device)
+    for rows, J, P in gradient_tiles(z, x, alpha, M, kernel, bandwidth, memory_budget):
+        out[rows] = apply_metric(J, P) * (-1.0 / bandwidth**2)
+    return out
