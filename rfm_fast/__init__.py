@@ -15,4 +15,26 @@ from .ops.api import agop, kernel_grad, kernel_matrix, kernel_mv
 
 __version__ = "0.1.0"
 
-__all__ = ["agop", "kernel_grad", "kernel_matrix", "kernel_mv", "available_backends", "__version__"]
+# The model layer is imported on first use, so `import rfm_fast` stays as light as the ops.
+_LAZY = {
+    "krr_solve": "rfm_fast.solvers",
+    "RFM": "rfm_fast.models",
+    "DeepRFM": "rfm_fast.models",
+    "metrics": "rfm_fast.metrics",
+    "nn": "rfm_fast.nn",
+    "distributed": "rfm_fast.distributed",
+    "integrations": "rfm_fast.integrations",
+}
+
+__all__ = ["agop", "kernel_grad", "kernel_matrix", "kernel_mv", "available_backends", "__version__", *_LAZY]
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        module = importlib.import_module(_LAZY[name])
+        value = module if module.__name__.endswith(name) else getattr(module, name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'rfm_fast' has no attribute {name!r}")
