@@ -98,7 +98,7 @@ def gradient_tiles(z: torch.Tensor, x: torch.Tensor, alpha: torch.Tensor, M: Opt
     coeffs = _stacked_coefficients(alpha, tiles.xc) if whole_v else None
     budget = memory_budget - (n * width * item if whole_v else 0)
     plan = plan_tiles(m, n, item, budget, tile_buffers=2, row_bytes=(width + 2 * c * d) * item,
-                      col_bytes=0 if whole_v else width * item)
+                      col_bytes=0 if whole_v else width * item, device=z.device)
     tile_buf = torch.empty(plan.rows * plan.cols, dtype=z.dtype, device=z.device)
     scratch_buf = torch.empty_like(tile_buf) if kernel == "laplace" else None
     acc_buf = torch.empty(plan.rows, width, dtype=z.dtype, device=z.device)
@@ -132,7 +132,7 @@ def gradient_tiles(z: torch.Tensor, x: torch.Tensor, alpha: torch.Tensor, M: Opt
 def _direct_gradient_tiles(z, x, alpha, M, kernel, tiles, memory_budget):
     m, n, d, c = z.shape[0], x.shape[0], z.shape[1], alpha.shape[1]
     item = z.element_size()
-    plan = plan_tiles(m, n, item, memory_budget, tile_buffers=3, row_bytes=c * d * item)
+    plan = plan_tiles(m, n, item, memory_budget, tile_buffers=3, row_bytes=c * d * item, device=z.device)
     tile_buf = torch.empty(plan.rows * plan.cols, dtype=z.dtype, device=z.device)
     scratch_buf = torch.empty_like(tile_buf)
     diff_buf = torch.empty_like(tile_buf)

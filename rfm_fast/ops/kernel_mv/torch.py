@@ -18,7 +18,7 @@ def kernel_mv(z: torch.Tensor, x: torch.Tensor, alpha: torch.Tensor, M: Optional
     tiles = distance_tiles_for_values(z, x, M, kernel, bandwidth)
     alpha = alpha.contiguous()
     out = torch.zeros(m, c, dtype=z.dtype, device=z.device)
-    plan = plan_tiles(m, n, z.element_size(), memory_budget, tile_buffers=1, row_bytes=0)
+    plan = plan_tiles(m, n, z.element_size(), memory_budget, tile_buffers=1, row_bytes=0, device=z.device)
     buf = torch.empty(plan.rows * plan.cols, dtype=z.dtype, device=z.device)
     for rows in plan.row_blocks(m):
         acc = out[rows]
