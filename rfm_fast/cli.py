@@ -1,0 +1,237 @@
+"""The ``rfm-fast`` command.
+
+    rfm-fast deep-rfm --dataset digits --depth 8 --control --out results/digits
+    rfm-fast bench          (the AGOP speed table, rfm_fast.bench)
+    rfm-fast nn-collapse    (neural collapse in trained networks, rfm_fast.nn.cli)
+
+``bench`` and ``nn-collapse`` live in their own modules, imported only when their subcommand runs, so a part
+that is missing or broken makes only its own subcommand fail, with a message saying why.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import importlib
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Optional, Sequence
+
+# subcommand -> (module, one-line help); each module provides add_arguments(parser) and run(args) -> int.
+DELEGATED = {
+    "bench": ("rfm_fast.bench", "print the AGOP speed table (backends against a GEMM floor)"),
+    "nn-collapse": ("rfm_fast.nn.cli", "measure neural collapse and AGOP alignment in trained networks"),
+}
+COLUMNS = (("layer", "layer", "{:d}"), ("nc1_input", "NC1 in", "{:.3e}"), ("nc1_projected", "NC1 proj", "{:.3e}"),
+           ("nc1_features", "NC1 feat", "{:.3e}"), ("nc2_input", "NC2 in", "{:.3e}"),
+           ("nc2_projected", "NC2 proj", "{:.3e}"), ("nc2_features", "NC2 feat", "{:.3e}"),
+           ("train_accuracy", "train acc", "{:.4f}"), ("test_accuracy", "test acc", "{:.4f}"))
+
+
+def add_deep_rfm_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--dataset", default="digits",
+                   help="digits, mnist, cifar10, svhn (torchvision) or PATH.npz with X_train, y_train[, X_test, "
+                        "y_test] (default: digits)")
+    p.add_argument("--n", type=int, default=None, help="use the first N training examples (default: all)")
+    p.add_argument("--n-test", type=int, default=None, help="use the first N test examples (default: all)")
+    p.add_argument("--depth", type=int, default=8, help="number of Deep RFM layers (default: 8)")
+    p.add_argument("--kernel", choices=("laplace", "gaussian"), default="laplace")
+    p.add_argument("--bandwidth", type=float, default=2.0, help="kernel bandwidth L (default: 2.0)")
+    p.add_argument("--reg", type=float, default=1e-3, help="kernel ridge (default: 1e-3)")
+    p.add_argument("--feature-map", choices=("relu", "cosine"), default="relu")
+    p.add_argument("--width", type=int, default=1024, help="random features per layer (default: 1024)")
+    p.add_argument("--gamma", type=float, default=None, help="Cauchy scale of the cosine map (default: 1/bandwidth)")
+    p.add_argument("--projection", choices=("agop", "identity"), default="agop",
+                   help="agop: project on the AGOP square root (Deep RFM); identity: skip it (the control)")
+    p.add_argument("--control", action="store_true",
+                   help="also run the identity-projection control with the same seed and plot it alongside")
+    p.add_argument("--device", default=None, help="torch device, e.g. cpu or cuda (default: cpu)")
+    p.add_argument("--dtype", choices=("float32", "float64"), default="float32")
+    p.add_argument("--solver", choices=("auto", "cholesky", "cg", "pcg"), default="auto",
+                   help="kernel ridge solver (default: auto)")
+    p.add_argument("--backend", default="auto", help="ops backend (default: auto)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the data split and the feature maps (default: 0)")
+    p.add_argument("--gram-per-class", type=int, default=30,
+                   help="samples per class in the Gram-matrix figure (default: 30)")
+    p.add_argument("--out", default=None, help="folder for metrics.json, metrics.csv and the PNG plots")
+    p.add_argument("--no-plots", action="store_true", help="write no PNG files")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def _gram_layers(depth: int) -> list[int]:
+    """0-based layers whose features go in the Gram figure: the first, two in between and the last."""
+    picks = {0, depth // 4, depth // 2, depth - 1} if depth > 3 else set(range(depth))
+    return sorted(picks)
+
+
+def _fit(args, projection: str, data, subset, gram_layers):
+    import torch
+    from tqdm import tqdm
+
+    from .models import DeepRFM
+    from .plots import centred_gram
+
+    X_train, y_train, X_test, y_test = data
+    model = DeepRFM(depth=args.depth, kernel=args.kernel, bandwidth=args.bandwidth, reg=args.reg,
+                    feature_map=args.feature_map, width=args.width, gamma=args.gamma, projection=projection,
+                    random_state=args.seed, device=args.device, dtype=args.dtype, backend=args.backend,
+                    solver=args.solver)
+    grams = []
+    index = torch.as_tensor(subset) if subset is not None else None
+    bar = tqdm(total=args.depth, desc=f"Deep RFM ({projection})", unit="layer", disable=args.quiet,
+               file=sys.stderr)
+
+    def callback(layer: int, metrics: dict, tensors: dict) -> None:
+        if layer == 0 and subset is not None:
+            grams.append(("input data", centred_gram(tensors["input"][index.to(tensors["input"].device)])))
+        if subset is not None and layer in gram_layers:
+            F = tensors["features"]
+            grams.append((f"layer {layer + 1} features", centred_gram(F[index.to(F.device)])))
+        bar.set_postfix(nc1=f"{metrics['nc1_features']:.2e}", train_acc=f"{metrics['train_accuracy']:.3f}")
+        bar.update(1)
+
+    start = time.perf_counter()
+    has_test = len(y_test) > 0
+    model.fit(X_train, y_train, X_test if has_test else None, y_test if has_test else None, callback=callback)
+    bar.close()
+    seconds = time.perf_counter() - start
+    result = {"projection": projection, "seconds": seconds, "metrics": model.metrics_,
+              "readout_train_accuracy": model.score(X_train, y_train)}
+    if has_test:
+        result["readout_test_accuracy"] = model.score(X_test, y_test)
+    return result, grams
+
+
+def format_table(metrics: Sequence[dict]) -> str:
+    """The per-layer table: one row per layer, the NC metrics at the three points and the accuracies."""
+    cols = [c for c in COLUMNS if c[0] == "layer" or c[0] in metrics[0]]
+    rows = [[fmt.format(i + 1 if key == "layer" else m[key]) for key, _, fmt in cols] for i, m in enumerate(metrics)]
+    widths = [max(len(head), *(len(r[j]) for r in rows)) for j, (_, head, _) in enumerate(cols)]
+    line = "  ".join(head.rjust(w) for (_, head, _), w in zip(cols, widths))
+    body = ["  ".join(v.rjust(w) for v, w in zip(r, widths)) for r in rows]
+    return "\n".join([line, "-" * len(line), *body])
+
+
+def _write_outputs(out: Path, config: dict, runs: list[dict]) -> list[Path]:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "metrics.json").write_text(json.dumps({"config": config, "runs": runs}, indent=2))
+    keys = [c[0] for c in COLUMNS[1:]]
+    with open(out / "metrics.csv", "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["projection", "layer", *keys])
+        for run in runs:
+            for i, m in enumerate(run["metrics"]):
+                writer.writerow([run["projection"], i + 1, *(m.get(k, "") for k in keys)])
+    return [out / "metrics.json", out / "metrics.csv"]
+
+
+def run_deep_rfm(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from .data import train_test
+
+    if args.depth < 1 or args.width < 1:
+        raise SystemExit("rfm-fast deep-rfm: --depth and --width must be >= 1")
+    data = train_test(args.dataset, args.n, args.n_test, seed=args.seed)
+    X_train, y_train, X_test, _ = data
+    K = len(np.unique(y_train))
+    print(f"dataset {args.dataset}: {X_train.shape[0]} train / {X_test.shape[0]} test, {X_train.shape[1]} "
+          f"features, {K} classes; depth {args.depth}, {args.kernel} L={args.bandwidth:g}, reg={args.reg:g}, "
+          f"{args.feature_map} width {args.width}")
+    make_plots = args.out is not None and not args.no_plots
+    subset = None
+    if make_plots:
+        from .plots import gram_subset
+
+        subset = gram_subset(y_train, args.gram_per_class, seed=args.seed)
+    gram_layers = _gram_layers(args.depth)
+    projections = [args.projection] + (["identity"] if args.control and args.projection != "identity" else [])
+    runs, grams = [], {}
+    for projection in projections:
+        result, panels = _fit(args, projection, data, subset, gram_layers)
+        runs.append(result)
+        grams[projection] = panels
+    for run in runs:
+        label = "Deep RFM (AGOP projection)" if run["projection"] == "agop" else "control (identity projection)"
+        accuracy = f"readout train acc {run['readout_train_accuracy']:.4f}"
+        if "readout_test_accuracy" in run:
+            accuracy += f", test acc {run['readout_test_accuracy']:.4f}"
+        print(f"\n{label}: {run['seconds']:.1f} s, {accuracy}")
+        print(format_table(run["metrics"]))
+        first, last = run["metrics"][0]["nc1_input"], run["metrics"][-1]["nc1_features"]
+        ratio = f" ({first / last:.1f}x lower)" if last > 0 else ""
+        print(f"NC1 layer-1 input -> layer-{len(run['metrics'])} features: {first:.3e} -> {last:.3e}{ratio}")
+    if args.out is not None:
+        config = {k: v for k, v in vars(args).items() if k != "func"}
+        written = _write_outputs(Path(args.out), config, runs)
+        if make_plots:
+            from .plots import plot_collapse, plot_grams
+
+            names = {"agop": "Deep RFM (AGOP projection)", "identity": "Control: identity projection (no AGOP)"}
+            title = f"{args.dataset}: n={X_train.shape[0]}, {args.kernel} L={args.bandwidth:g}, {args.feature_map}"
+            written.append(plot_collapse({names[r["projection"]]: r["metrics"] for r in runs},
+                                         Path(args.out) / "collapse.png", title=title))
+            sizes = np.bincount(y_train[subset])
+            sizes = sizes[sizes > 0]
+            rows = {("Deep RFM" if p == "agop" else "control"): panels for p, panels in grams.items()}
+            written.append(plot_grams(rows, Path(args.out) / "gram.png", class_sizes=sizes,
+                                      title="Centred, row-normalised Gram matrices (samples sorted by class)"))
+        print("\nwrote " + ", ".join(str(p) for p in written))
+    return 0
+
+
+def _selected_command(argv: Sequence[str]) -> Optional[str]:
+    for token in argv:
+        if not token.startswith("-"):
+            return token
+    return None
+
+
+def build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
+    """The parser; a delegated subcommand's module is imported only when ``argv`` selects it."""
+    parser = argparse.ArgumentParser(prog="rfm-fast", description="Fast kernels for RFM and Deep RFM.")
+    subparsers = parser.add_subparsers(dest="command", metavar="{deep-rfm,bench,nn-collapse}")
+    deep = subparsers.add_parser("deep-rfm", help="run Deep RFM and measure deep neural collapse per layer",
+                                 description="Deep RFM (arXiv 2402.13728) with NC1/NC2 per layer, a table and plots.")
+    add_deep_rfm_arguments(deep)
+    deep.set_defaults(func=run_deep_rfm)
+    selected = _selected_command(argv)
+    for name, (module_name, help_text) in DELEGATED.items():
+        if name != selected:
+            subparsers.add_parser(name, help=help_text, add_help=False)
+            continue
+        try:
+            module = importlib.import_module(module_name)
+        except ImportError as exc:
+            # Parsed leniently so any arguments reach the handler, which explains why the command is missing.
+            reason = f"{type(exc).__name__}: {exc}"
+            sub = subparsers.add_parser(name, help=help_text, add_help=False, prefix_chars="\0")
+            sub.add_argument("rest", nargs="*")
+            sub.set_defaults(func=lambda args, _n=name, _m=module_name, _r=reason: _unavailable(_n, _m, _r))
+            continue
+        sub = subparsers.add_parser(name, help=help_text, description=help_text)
+        module.add_arguments(sub)
+        sub.set_defaults(func=module.run)
+    return parser
+
+
+def _unavailable(name: str, module: str, reason: str) -> int:
+    print(f"rfm-fast {name} is not available in this installation: {module} could not be imported ({reason})",
+          file=sys.stderr)
+    return 2
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser(argv)
+    args = parser.parse_args(argv)
+    if getattr(args, "func", None) is None:
+        parser.print_help(sys.stderr)
+        return 2
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,222 @@
+"""Deep RFM (the seed paper's construction): layers of AGOP projection followed by a random feature map."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Callable, Optional
+
+import numpy as np
+import torch
+from sklearn.base import BaseEstimator
+
+from ..metrics import nc1, nc2
+from ..ops.api import agop, kernel_mv
+from ..solvers import krr_solve
+from ._common import (as_features, as_labels, encode_classes, labels_out, normalize_metric, one_hot, psd_sqrt,
+                      resolve_device, resolve_dtype, row_normalize, symmetrize, to_output)
+
+FEATURE_MAPS = ("relu", "cosine")
+PROJECTIONS = ("agop", "identity")
+METRIC_KEYS = ("nc1_input", "nc1_projected", "nc1_features", "nc2_input", "nc2_projected", "nc2_features",
+               "train_accuracy")
+
+
+@dataclass
+class Layer:
+    """One learned layer: x -> phi(normalize(x) @ sqrt_M), phi(z) = relu(z W^T) or sqrt(2/D) cos(z W^T + b)."""
+
+    sqrt_M: Optional[torch.Tensor]  # (d, d), None for the identity projection
+    W: torch.Tensor  # (width, d)
+    b: Optional[torch.Tensor]  # (width,) for the cosine map
+
+    def project(self, X: torch.Tensor) -> torch.Tensor:
+        return X if self.sqrt_M is None else X @ self.sqrt_M
+
+    def features(self, Z: torch.Tensor) -> torch.Tensor:
+        if self.b is None:
+            return torch.relu(Z @ self.W.T)
+        return math.sqrt(2.0 / self.W.shape[0]) * torch.cos(Z @ self.W.T + self.b)
+
+
+class DeepRFM(BaseEstimator):
+    """Deep Recursive Feature Machine, following the code of arXiv 2402.13728.
+
+    Layer l maps its input X_l (n, d_l) as follows (training data; new data reuse the learned M^{1/2}, W, b):
+
+    1. rows scaled to unit Euclidean norm;
+    2. kernel ridge regression with M = I on the targets 2 * onehot(y) - 1:
+       alpha = (K(X_l, X_l) + reg I)^{-1} (2 Y - 1);
+    3. M = AGOP of that predictor at the training points, divided by its largest entry (``projection="agop"``),
+       or M = I (``projection="identity"``, the control experiment);
+    4. the symmetric square root M^{1/2} (eigh, negative eigenvalues clipped to 0), projection Z = X_l M^{1/2};
+    5. a random feature map drawn fresh for the layer, X_{l+1} = phi(Z):
+       "relu": ReLU(Z W^T), W (width, d_l) with entries U(-1/sqrt(d_l), 1/sqrt(d_l)), no bias;
+       "cosine": sqrt(2/D) cos(Z W^T + b), W i.i.d. Cauchy with scale ``gamma`` (default 1 / bandwidth),
+       b ~ U[0, 2 pi], D = width.
+
+    After the last layer a kernel ridge readout (same kernel, M = I) is fitted on the row-normalised final
+    features; ``predict`` uses it.
+
+    Args:
+        depth: number of layers (>= 1). kernel: "laplace" / "gaussian". bandwidth: L > 0. reg: ridge >= 0.
+        feature_map: "relu" / "cosine". width: features per layer. gamma: Cauchy scale of "cosine".
+        projection: "agop" / "identity". random_state: seed of the feature maps (None: fresh entropy).
+        device, dtype: where and in what the layers compute (default CPU / X's device, float32).
+        backend: passed to the ops. solver: passed to :func:`rfm_fast.krr_solve`.
+
+    After ``fit``: ``metrics_`` (one dict per layer with exactly the keys nc1_input, nc1_projected,
+    nc1_features, nc2_input, nc2_projected, nc2_features, train_accuracy, plus test_accuracy when validation
+    data were given), measured on the unit-norm layer input X_l, on X_l M^{1/2} and on the features. The
+    accuracies are those of layer l's ridge predictor (step 2), on the training data and on the validation data
+    carried through the earlier layers. ``layers_`` (the learned :class:`Layer` list), ``classes_``.
+    """
+
+    def __init__(self, depth: int = 8, kernel: str = "laplace", bandwidth: float = 2.0, reg: float = 1e-3,
+                 feature_map: str = "relu", width: int = 1024, gamma: Optional[float] = None,
+                 projection: str = "agop", random_state: Optional[int] = None, device: Any = None,
+                 dtype: Any = None, backend: str = "auto", solver: str = "auto"):
+        self.depth = depth
+        self.kernel = kernel
+        self.bandwidth = bandwidth
+        self.reg = reg
+        self.feature_map = feature_map
+        self.width = width
+        self.gamma = gamma
+        self.projection = projection
+        self.random_state = random_state
+        self.device = device
+        self.dtype = dtype
+        self.backend = backend
+        self.solver = solver
+
+    def _check_params(self) -> None:
+        for name in ("depth", "width"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+        if self.feature_map not in FEATURE_MAPS:
+            raise ValueError(f"feature_map must be one of {FEATURE_MAPS}, got {self.feature_map!r}")
+        if self.projection not in PROJECTIONS:
+            raise ValueError(f"projection must be one of {PROJECTIONS}, got {self.projection!r}")
+        if self.gamma is not None and not (isinstance(self.gamma, (int, float)) and self.gamma > 0):
+            raise ValueError(f"gamma must be None or a number > 0, got {self.gamma!r}")
+
+    def _ops(self) -> dict:
+        return dict(kernel=self.kernel, bandwidth=self.bandwidth, backend=self.backend)
+
+    def _draw_layer(self, d: int, generator: torch.Generator, sqrt_M: Optional[torch.Tensor]) -> Layer:
+        # Drawn on the CPU so a seed gives the same network on every device.
+        if self.feature_map == "relu":
+            bound = 1.0 / math.sqrt(d)
+            W = torch.empty(self.width, d, dtype=torch.float64).uniform_(-bound, bound, generator=generator)
+            b = None
+        else:
+            gamma = float(self.gamma) if self.gamma is not None else 1.0 / float(self.bandwidth)
+            W = torch.empty(self.width, d, dtype=torch.float64).cauchy_(0.0, gamma, generator=generator)
+            b = torch.empty(self.width, dtype=torch.float64).uniform_(0.0, 2 * math.pi, generator=generator)
+            b = b.to(device=self.device_, dtype=self.dtype_)
+        return Layer(sqrt_M, W.to(device=self.device_, dtype=self.dtype_), b)
+
+    def _ridge(self, X: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return krr_solve(X, targets, reg=self.reg, solver=self.solver, **self._ops())
+
+    def fit(self, X: Any, y: Any, X_val: Any = None, y_val: Any = None,
+            callback: Optional[Callable[[int, dict, dict], None]] = None) -> "DeepRFM":
+        """Fit ``depth`` layers on X (n, d) with integer class labels y (n,), K >= 2 classes.
+
+        X_val, y_val: optional validation data (adds ``test_accuracy`` to each layer's metrics).
+        callback(layer, metrics, tensors): called after each layer with the layer index (0-based), its metrics
+        dict and the training tensors {"input": X_l, "projected": X_l M^{1/2}, "features": phi(.)} (for
+        progress bars and plots; do not modify them).
+        """
+        self._check_params()
+        self.dtype_ = resolve_dtype(self.dtype)
+        self.device_ = resolve_device(self.device, X)
+        Xl = as_features("X", X, self.dtype_, self.device_)
+        n = Xl.shape[0]
+        self.n_features_in_ = Xl.shape[1]
+        self.classes_, codes = encode_classes(as_labels("y", y, n))
+        K = len(self.classes_)
+        if K < 2:
+            raise ValueError("y must hold at least 2 classes")
+        targets = 2 * one_hot(codes, K, self.dtype_, self.device_) - 1
+        codes_t = torch.as_tensor(codes, device=self.device_)
+        has_val = X_val is not None and y_val is not None
+        if has_val:
+            V = as_features("X_val", X_val, self.dtype_, self.device_)
+            if V.shape[1] != Xl.shape[1]:
+                raise ValueError(f"X_val must have {Xl.shape[1]} features, got {V.shape[1]}")
+            _, val_codes = encode_classes(as_labels("y_val", y_val, V.shape[0]), self.classes_)
+            val_codes_t = torch.as_tensor(val_codes, device=self.device_)
+        seed = (int(self.random_state) if self.random_state is not None
+                else int(np.random.SeedSequence().entropy % 2**63))
+        generator = torch.Generator().manual_seed(seed)
+
+        self.layers_: list[Layer] = []
+        self.metrics_: list[dict] = []
+        for index in range(int(self.depth)):
+            Xl = row_normalize(Xl)
+            alpha = self._ridge(Xl, targets)
+            train_pred = kernel_mv(Xl, Xl, alpha, **self._ops()).argmax(1)
+            record = {"train_accuracy": float((train_pred == codes_t).double().mean())}
+            if has_val:
+                V = row_normalize(V)
+                val_pred = kernel_mv(V, Xl, alpha, **self._ops()).argmax(1)
+                record["test_accuracy"] = float((val_pred == val_codes_t).double().mean())
+            sqrt_M = None
+            if self.projection == "agop":
+                G = agop(Xl, Xl, alpha, **self._ops())
+                sqrt_M = psd_sqrt(normalize_metric(symmetrize(G), "max"))
+            layer = self._draw_layer(Xl.shape[1], generator, sqrt_M)
+            Z = layer.project(Xl)
+            F = layer.features(Z)
+            for tag, T in (("input", Xl), ("projected", Z), ("features", F)):
+                record[f"nc1_{tag}"] = nc1(T, codes_t)
+                record[f"nc2_{tag}"] = nc2(T, codes_t)
+            self.metrics_.append({key: record[key] for key in (*METRIC_KEYS, "test_accuracy") if key in record})
+            self.layers_.append(layer)
+            if callback is not None:
+                callback(index, self.metrics_[-1], {"input": Xl, "projected": Z, "features": F})
+            if has_val:
+                V = layer.features(layer.project(V))
+            Xl = F
+        self.readout_centers_ = row_normalize(Xl)
+        self.readout_alpha_ = self._ridge(self.readout_centers_, targets)
+        return self
+
+    def _check_fitted(self) -> None:
+        if not hasattr(self, "layers_"):
+            raise RuntimeError("this DeepRFM is not fitted yet: call fit(X, y) first")
+
+    def _forward(self, X: Any, layers: Optional[int] = None) -> torch.Tensor:
+        self._check_fitted()
+        Xl = as_features("X", X, self.dtype_, self.device_)
+        if Xl.shape[1] != self.n_features_in_:
+            raise ValueError(f"X must have {self.n_features_in_} features, got {Xl.shape[1]}")
+        for layer in self.layers_[: layers if layers is not None else len(self.layers_)]:
+            Xl = layer.features(layer.project(row_normalize(Xl)))
+        return Xl
+
+    def transform(self, X: Any, layers: Optional[int] = None) -> Any:
+        """Features of X (m, d) after the first ``layers`` learned layers (default all): (m, width), or X itself
+        for layers=0. numpy in gives numpy out."""
+        return to_output(self._forward(X, layers), X)
+
+    def decision_function(self, X: Any) -> Any:
+        """Readout scores (m, K) on the row-normalised final features."""
+        F = row_normalize(self._forward(X))
+        return to_output(kernel_mv(F, self.readout_centers_, self.readout_alpha_, **self._ops()), X)
+
+    def predict(self, X: Any) -> Any:
+        """Class labels (m,) of X (m, d), in the label values seen by fit."""
+        scores = torch.as_tensor(self.decision_function(X))
+        labels = self.classes_[scores.argmax(1).cpu().numpy()]
+        return labels_out(labels, X, self.device_)
+
+    def score(self, X: Any, y: Any) -> float:
+        """Accuracy of ``predict`` on (X, y)."""
+        pred = self.predict(X)
+        pred = pred.cpu().numpy() if isinstance(pred, torch.Tensor) else pred
+        y = y.detach().cpu().numpy() if isinstance(y, torch.Tensor) else np.asarray(y)
+        return float(np.mean(pred == y))

@@ -1,0 +1,142 @@
+"""Kernel ridge regression solvers: ``krr_solve`` picks a direct, matrix-free or preconditioned method.
+
+alpha = (K(X, X) + reg I)^{-1} Y, with K the Laplace or Gaussian kernel of CONVENTIONS.md (Mahalanobis M).
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any, Optional
+
+import numpy as np
+import torch
+
+from .._config import memory_budget as resolve_budget
+from .._validation import FLOAT_DTYPES, check_bandwidth, check_kernel
+from .cg import ConvergenceError, cg_solve, default_max_iter, default_tol
+from .direct import SingularSystemError, cholesky_solve
+
+__all__ = ["krr_solve", "ConvergenceError", "SingularSystemError", "SOLVERS"]
+
+SOLVERS = ("auto", "cholesky", "cg", "pcg")
+
+
+def _as_tensor(name: str, value: Any) -> torch.Tensor:
+    if isinstance(value, torch.Tensor):
+        return value
+    if isinstance(value, np.ndarray):
+        return torch.from_numpy(np.ascontiguousarray(value))
+    raise TypeError(f"{name} must be a numpy array or a torch tensor, got {type(value).__name__}")
+
+
+def _resolve_dtype(dtype: Any, default: torch.dtype) -> torch.dtype:
+    if dtype is None:
+        return default if default in FLOAT_DTYPES else torch.float32
+    if isinstance(dtype, str):
+        dtype = {"float32": torch.float32, "float64": torch.float64}.get(dtype, dtype)
+    if dtype not in FLOAT_DTYPES:
+        raise ValueError(f"dtype must be torch.float32 or torch.float64 (or their names), got {dtype!r}")
+    return dtype
+
+
+def _preconditioned():
+    """The Nystrom-PCG module, or None when this installation does not have it."""
+    try:
+        return importlib.import_module("rfm_fast.solvers.preconditioned")
+    except ModuleNotFoundError as exc:
+        if exc.name in ("rfm_fast.solvers.preconditioned",):
+            return None
+        raise
+
+
+def choose_solver(n: int, dtype: torch.dtype, memory_budget: Optional[int | str] = None) -> str:
+    """What ``solver="auto"`` runs for n points: "cholesky" when the n x n matrix and its factor
+    (2 n^2 elements of ``dtype``) fit the memory budget, else "pcg", or "cg" where PCG is not installed."""
+    itemsize = torch.finfo(dtype).bits // 8
+    if 2 * n * n * itemsize <= resolve_budget(memory_budget):
+        return "cholesky"
+    return "pcg" if _preconditioned() is not None else "cg"
+
+
+def krr_solve(X: Any, Y: Any, *, kernel: str = "laplace", bandwidth: float = 1.0, M: Any = None, reg: float = 1e-3,
+              solver: str = "auto", tol: Optional[float] = None, max_iter: Optional[int] = None,
+              backend: str = "auto", dtype: Any = None, memory_budget: Optional[int | str] = None,
+              rank: Optional[int] = None, seed: int = 0, return_info: bool = False) -> Any:
+    """Kernel ridge regression coefficients alpha = (K(X, X) + reg I)^{-1} Y.
+
+    Args:
+        X: (n, d) centres, numpy array or torch tensor (float32/float64; other dtypes need ``dtype``).
+        Y: (n,) or (n, c) targets; cast to the solve dtype and X's device. A 1-D Y gives a 1-D alpha.
+        kernel, bandwidth, M: the kernel k_M of CONVENTIONS.md (M None, (d,) diagonal or (d, d) PSD).
+        reg: ridge, >= 0 (0 only makes sense when K is positive definite).
+        solver: "cholesky" (direct, builds K with ``kernel_matrix``: ~2 n^2 elements of memory), "cg"
+            (matrix-free conjugate gradients, only ``kernel_mv``), "pcg" (Nystrom-preconditioned CG,
+            ``rfm_fast.solvers.preconditioned.nystrom_pcg``), or "auto": Cholesky when 2 n^2 elements fit
+            ``memory_budget``, else "pcg" ("cg" where PCG is not installed).
+        tol, max_iter: relative-residual tolerance and iteration cap of the iterative solvers (defaults: 1e-8 in
+            float64 and 1e-4 in float32; min(max(2 n, 100), 10000) iterations). Ignored by Cholesky.
+        backend: passed to the ops. dtype: the solve dtype (torch.float32/float64 or their names; default X's
+            dtype): float64 makes Cholesky robust for ill-conditioned K. memory_budget: bytes or "256MB".
+        rank, seed: Nystrom rank and sampling seed of "pcg".
+        return_info: also return a dict {"solver", "iterations", "residual", "converged"}.
+
+    Returns alpha (n, c) or (n,) in the solve dtype on X's device: numpy when X is numpy, torch otherwise.
+
+    Raises:
+        ValueError / TypeError for malformed arguments; SingularSystemError (a RuntimeError) when the Cholesky
+        factorisation of K + reg I breaks down; ConvergenceError (a RuntimeError, with ``iterations`` and
+        ``residual``) when CG / PCG does not converge; RuntimeError when "pcg" is asked for and not installed.
+    """
+    if solver not in SOLVERS:
+        raise ValueError(f"solver must be one of {SOLVERS}, got {solver!r}")
+    kernel = check_kernel(kernel)
+    bandwidth = check_bandwidth(bandwidth)
+    if isinstance(reg, bool) or not isinstance(reg, (int, float)) or not np.isfinite(reg) or reg < 0:
+        raise ValueError(f"reg must be a finite number >= 0, got {reg!r}")
+    reg = float(reg)
+    numpy_out = isinstance(X, np.ndarray)
+    Xt = _as_tensor("X", X)
+    solve_dtype = _resolve_dtype(dtype, Xt.dtype)
+    Xt = Xt.to(solve_dtype)
+    if Xt.ndim != 2 or Xt.shape[0] == 0:
+        raise ValueError(f"X must be 2-D (n >= 1, d), got shape {tuple(Xt.shape)}")
+    Yt = _as_tensor("Y", Y).to(device=Xt.device, dtype=solve_dtype)
+    squeeze = Yt.ndim == 1
+    if squeeze:
+        Yt = Yt[:, None]
+    if Yt.ndim != 2 or Yt.shape[0] != Xt.shape[0]:
+        raise ValueError(f"Y must have shape (n,) or (n, c) with n = {Xt.shape[0]}, got {tuple(Yt.shape)}")
+    if not bool(torch.isfinite(Yt).all()):
+        raise ValueError("Y contains NaN or inf")
+    if M is not None:
+        M = _as_tensor("M", M).to(device=Xt.device, dtype=solve_dtype)
+
+    chosen = choose_solver(Xt.shape[0], solve_dtype, memory_budget) if solver == "auto" else solver
+    common = dict(kernel=kernel, bandwidth=bandwidth, M=M, reg=reg, backend=backend)
+    if chosen == "cholesky":
+        alpha = cholesky_solve(Xt, Yt, memory_budget=memory_budget, **common)
+        info = {"iterations": 0, "residual": None, "converged": True}
+    elif chosen == "cg":
+        alpha, info = cg_solve(Xt, Yt, tol=tol, max_iter=max_iter, memory_budget=memory_budget, **common)
+    else:
+        module = _preconditioned()
+        if module is None:
+            raise RuntimeError("solver='pcg' needs rfm_fast.solvers.preconditioned, which this installation lacks; "
+                               "use solver='cg' or 'cholesky'")
+        alpha, info = module.nystrom_pcg(Xt, Yt, tol=tol if tol is not None else default_tol(solve_dtype),
+                                         max_iter=(max_iter if max_iter is not None
+                                                   else default_max_iter(Xt.shape[0])),
+                                         rank=rank, seed=seed, progress=False, memory_budget=memory_budget,
+                                         **common)
+        info = dict(info)
+        if not info.get("converged", False):
+            raise ConvergenceError(
+                f"PCG did not reach its tolerance (relative residual {info.get('residual')}, "
+                f"{info.get('iterations')} iterations); raise max_iter or rank, or increase reg",
+                iterations=int(info.get("iterations", 0)), residual=float(info.get("residual", float("nan"))))
+    info = {"solver": chosen, **info}
+    if squeeze:
+        alpha = alpha[:, 0]
+    out = alpha.cpu().numpy() if numpy_out else alpha
+    return (out, info) if return_info else out
+

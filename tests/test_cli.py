@@ -1,0 +1,111 @@
+"""The rfm-fast command (run as a user would, on tiny settings) and the dataset loader behind it."""
+
+import json
+import pathlib
+
+import numpy as np
+import pytest
+
+from rfm_fast import cli
+from rfm_fast.data import load_dataset, train_test
+
+TINY = pathlib.Path(__file__).parent / "data" / "tiny_images.npz"
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def test_deep_rfm_command_writes_table_metrics_and_plots(tmp_path, capsys):
+    out = tmp_path / "run"
+    code = cli.main(["deep-rfm", "--dataset", "digits", "--n", "150", "--n-test", "40", "--depth", "2",
+                     "--width", "64", "--control", "--gram-per-class", "5", "--quiet", "--out", str(out)])
+    assert code == 0
+    text = capsys.readouterr().out
+    assert "NC1 in" in text and "control (identity projection)" in text and "test acc" in text
+    for name in ("collapse.png", "gram.png"):
+        data = (out / name).read_bytes()
+        assert data.startswith(PNG_MAGIC) and len(data) > 10_000
+    report = json.loads((out / "metrics.json").read_text())
+    assert [r["projection"] for r in report["runs"]] == ["agop", "identity"]
+    assert report["config"]["depth"] == 2 and len(report["runs"][0]["metrics"]) == 2
+    rows = (out / "metrics.csv").read_text().strip().splitlines()
+    assert rows[0].startswith("projection,layer,nc1_input") and len(rows) == 1 + 2 * 2
+
+
+def test_deep_rfm_command_on_an_npz_without_plots(tmp_path, capsys):
+    code = cli.main(["deep-rfm", "--dataset", str(TINY), "--depth", "2", "--width", "32", "--feature-map",
+                     "cosine", "--quiet", "--no-plots", "--out", str(tmp_path)])
+    assert code == 0
+    assert "3 classes" in capsys.readouterr().out
+    assert not list(tmp_path.glob("*.png")) and (tmp_path / "metrics.json").exists()
+
+
+def test_missing_subcommand_module_fails_clearly(monkeypatch, capsys):
+    monkeypatch.setitem(cli.DELEGATED, "bench", ("rfm_fast._no_such_module", "missing"))
+    assert cli.main(["bench", "--anything", "1"]) == 2
+    assert "rfm-fast bench is not available" in capsys.readouterr().err
+    # The other subcommands still parse.
+    with pytest.raises(SystemExit) as info:
+        cli.main(["deep-rfm", "--help"])
+    assert info.value.code == 0
+
+
+def test_no_subcommand_prints_help(capsys):
+    assert cli.main([]) == 2
+    assert "deep-rfm" in capsys.readouterr().err
+
+
+def test_table_format():
+    metrics = [{"nc1_input": 0.5, "nc1_projected": 0.1, "nc1_features": 0.2, "nc2_input": 0.3,
+                "nc2_projected": 0.2, "nc2_features": 0.1, "train_accuracy": 1.0}]
+    table = cli.format_table(metrics).splitlines()
+    assert "test acc" not in table[0] and table[2].split()[0] == "1" and "5.000e-01" in table[2]
+
+
+def test_npz_loading_preprocesses_like_the_paper():
+    X, y, Xt, yt = train_test(TINY, n=30, n_test=12)
+    assert X.shape == (30, 16) and Xt.shape == (12, 16) and X.dtype == np.float32
+    assert set(np.unique(np.concatenate([y, yt]))) <= {0, 1, 2} and y.dtype == np.int64
+    np.testing.assert_allclose(X.mean(0), 0, atol=1e-5)
+    np.testing.assert_allclose(X.std(0)[X.std(0) > 0], 1, atol=1e-4)
+    with np.load(TINY) as raw:
+        np.testing.assert_array_equal(np.array([2, 5, 9])[y], raw["y_train"][:30])  # first n rows, in order
+    X_all, _ = load_dataset(TINY)
+    assert X_all.shape == (60, 16)
+    X_test, y_test = load_dataset(TINY, 5, split="test")
+    assert X_test.shape == (5, 16) and y_test.shape == (5,)
+
+
+def test_npz_without_test_split_and_errors(tmp_path):
+    path = tmp_path / "train_only.npz"
+    np.savez(path, X_train=np.arange(12.0).reshape(4, 3), y_train=np.array([0, 1, 0, 1]))
+    X, y, Xt, yt = train_test(path)
+    assert X.shape == (4, 3) and Xt.shape == (0, 3) and yt.shape == (0,)
+    bad = tmp_path / "bad.npz"
+    np.savez(bad, X=np.zeros((2, 2)))
+    with pytest.raises(ValueError, match="X_train and y_train"):
+        train_test(bad)
+    with pytest.raises(FileNotFoundError):
+        train_test(tmp_path / "missing.npz")
+    with pytest.raises(ValueError, match="dataset must be one of"):
+        train_test("imagenet")
+    with pytest.raises(ValueError, match="split"):
+        load_dataset("digits", split="val")
+
+
+def test_digits_split_is_seeded_and_standardised():
+    a = train_test("digits", seed=0)
+    b = train_test("digits", seed=0)
+    c = train_test("digits", seed=1)
+    assert a[0].shape == (1437, 64) and a[2].shape == (360, 64)
+    np.testing.assert_array_equal(a[0], b[0])
+    assert not np.array_equal(a[1], c[1])
+    assert np.bincount(a[3]).min() >= 35  # stratified 80/20
+
+
+def test_torchvision_datasets_need_torchvision():
+    try:
+        import torchvision  # noqa: F401
+    except ImportError:
+        with pytest.raises(ImportError, match="torchvision"):
+            train_test("mnist", n=10)
+    else:
+        pytest.skip("torchvision is installed: this checks the message shown without it")

@@ -1,0 +1,100 @@
+"""The RFM estimator: digits accuracy, regression, options, scikit-learn compatibility."""
+
+import numpy as np
+import pytest
+import torch
+from sklearn.base import clone
+
+from rfm_fast.data import train_test
+from rfm_fast.models import RFM
+
+
+@pytest.fixture(scope="module")
+def digits():
+    return train_test("digits", seed=0)
+
+
+def test_digits_accuracy(digits):
+    X_train, y_train, X_test, y_test = digits
+    model = RFM(bandwidth=10.0, iters=3, reg=1e-3, random_state=0).fit(X_train, y_train)
+    assert model.task_ == "classification"
+    assert model.M_.shape == (64, 64)
+    assert float(model.M_.max()) == pytest.approx(1.0)
+    assert model.score(X_train, y_train) == 1.0
+    assert model.score(X_test, y_test) >= 0.975
+    assert len(model.history_) == 4
+
+
+def test_digits_diagonal_and_validation_selection(digits):
+    X_train, y_train, X_test, y_test = digits
+    model = RFM(bandwidth=10.0, iters=2, diag=True, centered=True, normalize="trace", dtype="float64")
+    model.fit(X_train[:600], y_train[:600], X_test, y_test)
+    assert model.M_ is None or model.M_.shape == (64,)
+    assert model.alpha_.dtype == torch.float64
+    best = max(h["val_score"] for h in model.history_)
+    assert model.score(X_test, y_test) == pytest.approx(best)
+    assert best >= 0.95
+
+
+def _regression(seed, n, d=8):
+    rng = np.random.default_rng(seed)
+    X = rng.normal(size=(n, d)).astype(np.float32)
+    y = np.sin(2 * X[:, 0]) + 0.5 * X[:, 1] ** 2
+    return X, y.astype(np.float32)
+
+
+@pytest.mark.parametrize("diag", [False, True])
+def test_regression_learns_the_relevant_coordinates(diag):
+    X, y = _regression(0, 600)
+    X_test, y_test = _regression(1, 300)
+    baseline = RFM(bandwidth=3.0, iters=0, reg=1e-2).fit(X, y).score(X_test, y_test)
+    model = RFM(bandwidth=3.0, iters=3, reg=1e-2, diag=diag).fit(X, y)
+    assert model.task_ == "regression"
+    diagonal = model.M_ if diag else torch.diagonal(model.M_)
+    assert diagonal[:2].min() > 5 * diagonal[2:].max()
+    score = model.score(X_test, y_test)
+    assert score > 0.9 and score > baseline + 0.1
+    pred = model.predict(X_test)
+    assert isinstance(pred, np.ndarray) and pred.shape == (300,)
+    pred_t = model.predict(torch.from_numpy(X_test))
+    assert isinstance(pred_t, torch.Tensor) and torch.allclose(pred_t, torch.from_numpy(pred))
+
+
+def test_multi_output_regression_and_gaussian_kernel():
+    X, y = _regression(2, 300)
+    Y = np.stack([y, -y], axis=1)
+    model = RFM(kernel="gaussian", bandwidth=2.0, iters=1, normalize=None, reg=1e-2).fit(X, Y)
+    assert model.predict(X).shape == (300, 2)
+    assert model.score(X, Y) > 0.9
+
+
+def test_sklearn_params_and_clone():
+    model = RFM(bandwidth=4.0, iters=2, diag=True)
+    params = model.get_params()
+    assert params["bandwidth"] == 4.0 and params["diag"] is True and params["backend"] == "auto"
+    model.set_params(iters=1, solver="cg")
+    assert model.iters == 1 and model.solver == "cg"
+    copy = clone(model)
+    assert copy.get_params() == model.get_params() and copy is not model
+
+
+def test_string_labels_and_binary(digits):
+    X_train, y_train, X_test, y_test = digits
+    keep = np.isin(y_train, [3, 8])
+    names = np.where(y_train[keep] == 3, "three", "eight")
+    model = RFM(bandwidth=10.0, iters=1).fit(X_train[keep], names)
+    assert set(model.classes_) == {"eight", "three"}
+    assert set(model.predict(X_test[:20])) <= {"eight", "three"}
+
+
+def test_errors():
+    with pytest.raises(RuntimeError, match="not fitted"):
+        RFM().predict(np.zeros((2, 3), dtype=np.float32))
+    X, y = _regression(3, 20)
+    with pytest.raises(ValueError, match="normalize"):
+        RFM(normalize="l2").fit(X, y)
+    with pytest.raises(ValueError, match="task"):
+        RFM(task="ranking").fit(X, y)
+    model = RFM(iters=0).fit(X, y)
+    with pytest.raises(ValueError, match="features"):
+        model.predict(X[:, :3])

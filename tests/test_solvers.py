@@ -1,0 +1,171 @@
+"""krr_solve: Cholesky and CG against torch.linalg.solve in float64; CG is matrix-free; errors are clear."""
+
+import numpy as np
+import pytest
+import torch
+
+import rfm_fast
+from rfm_fast.ops.kernel_matrix import naive as naive_kernel_matrix
+from rfm_fast.solvers import ConvergenceError, SingularSystemError, choose_solver, krr_solve
+
+
+def _problem(seed, n=80, d=5, c=3, M_kind="none", dtype=torch.float64):
+    g = torch.Generator().manual_seed(seed)
+    X = torch.randn(n, d, generator=g, dtype=torch.float64)
+    Y = torch.randn(n, c, generator=g, dtype=torch.float64)
+    M = None
+    if M_kind == "diag":
+        M = torch.rand(d, generator=g, dtype=torch.float64) + 0.1
+    elif M_kind == "dense":
+        A = torch.randn(d, d, generator=g, dtype=torch.float64)
+        M = A @ A.T / d
+    return X.to(dtype), Y.to(dtype), M
+
+
+def _reference(X, Y, M, kernel, bandwidth, reg):
+    K = naive_kernel_matrix.kernel_matrix(X.double(), X.double(), None if M is None else M.double(), kernel,
+                                          bandwidth)
+    return torch.linalg.solve(K + reg * torch.eye(len(X), dtype=torch.float64), Y.double())
+
+
+def _rel(a, b):
+    return float((torch.as_tensor(a).double() - b).norm() / b.norm())
+
+
+@pytest.mark.parametrize("kernel", ["laplace", "gaussian"])
+@pytest.mark.parametrize("M_kind", ["none", "diag", "dense"])
+def test_cholesky_float64_matches_linalg_solve(kernel, M_kind):
+    X, Y, M = _problem(0, M_kind=M_kind)
+    ref = _reference(X, Y, M, kernel, 2.0, 1e-2)
+    alpha = krr_solve(X, Y, kernel=kernel, bandwidth=2.0, M=M, reg=1e-2, solver="cholesky")
+    assert alpha.dtype == torch.float64 and alpha.shape == Y.shape
+    assert _rel(alpha, ref) < 1e-10
+
+
+@pytest.mark.parametrize("kernel", ["laplace", "gaussian"])
+@pytest.mark.parametrize("M_kind", ["none", "dense"])
+def test_cg_float64_matches_linalg_solve(kernel, M_kind):
+    X, Y, M = _problem(1, n=60, M_kind=M_kind)
+    ref = _reference(X, Y, M, kernel, 2.0, 1e-1)
+    alpha, info = krr_solve(X, Y, kernel=kernel, bandwidth=2.0, M=M, reg=1e-1, solver="cg", tol=1e-11,
+                            return_info=True)
+    assert info["solver"] == "cg" and info["converged"] and info["residual"] <= 1e-11
+    assert 0 < info["iterations"] <= 60
+    assert _rel(alpha, ref) < 1e-8
+
+
+def test_float32_and_float64_option():
+    X, Y, _ = _problem(2, dtype=torch.float32)
+    ref = _reference(X, Y, None, "laplace", 1.0, 1e-2)
+    alpha32 = krr_solve(X, Y, bandwidth=1.0, reg=1e-2, solver="cholesky")
+    alpha64 = krr_solve(X, Y, bandwidth=1.0, reg=1e-2, solver="cholesky", dtype=torch.float64)
+    assert alpha32.dtype == torch.float32 and alpha64.dtype == torch.float64
+    assert _rel(alpha64, ref) < 1e-10
+    assert _rel(alpha32, ref) < 1e-4
+    alpha_cg = krr_solve(X, Y, bandwidth=1.0, reg=1e-2, solver="cg", dtype="float64", tol=1e-10)
+    assert _rel(alpha_cg, ref) < 1e-7
+
+
+def test_cg_never_builds_the_kernel_matrix(monkeypatch):
+    X, Y, M = _problem(3, n=50, M_kind="diag")
+    ref = _reference(X, Y, M, "laplace", 1.5, 1e-1)
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("CG must not build the n x n kernel matrix")
+
+    import rfm_fast.ops.api as api
+    import rfm_fast.ops.kernel_matrix.torch as torch_km
+    import rfm_fast.solvers.cg as cg_module
+    import rfm_fast.solvers.direct as direct
+
+    for module in (api, rfm_fast, direct):
+        monkeypatch.setattr(module, "kernel_matrix", forbidden)
+    monkeypatch.setattr(torch_km, "kernel_matrix", forbidden)
+    monkeypatch.setattr(naive_kernel_matrix, "kernel_matrix", forbidden)
+    calls = []
+    real_mv = cg_module.kernel_mv
+
+    def counting_mv(*args, **kwargs):
+        calls.append(args[2].shape)
+        return real_mv(*args, **kwargs)
+
+    monkeypatch.setattr(cg_module, "kernel_mv", counting_mv)
+    alpha, info = krr_solve(X, Y, bandwidth=1.5, M=M, reg=1e-1, solver="cg", tol=1e-10, return_info=True)
+    assert _rel(alpha, ref) < 1e-7
+    assert len(calls) >= info["iterations"] > 0
+    with pytest.raises(AssertionError, match="must not build"):
+        krr_solve(X, Y, bandwidth=1.5, M=M, reg=1e-1, solver="cholesky")
+
+
+def test_cg_reports_non_convergence():
+    X, Y, _ = _problem(4, n=100)
+    with pytest.raises(ConvergenceError, match="max_iter=3") as info:
+        krr_solve(X, Y, reg=1e-6, solver="cg", tol=1e-12, max_iter=3)
+    assert isinstance(info.value, RuntimeError)
+    assert info.value.iterations == 3 and info.value.residual > 1e-12
+
+
+def test_singular_systems_raise_clearly():
+    X = torch.ones(6, 3, dtype=torch.float64)  # identical points: K is the all-ones matrix (rank 1)
+    Y = torch.randn(6, 2, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    with pytest.raises(SingularSystemError, match="not positive definite") as info:
+        krr_solve(X, Y, reg=0.0, solver="cholesky")
+    assert isinstance(info.value, RuntimeError)
+    with pytest.raises(ConvergenceError):
+        krr_solve(X, Y, reg=0.0, solver="cg", max_iter=50)
+    alpha = krr_solve(X, Y, reg=1e-3, solver="cholesky")  # a ridge makes it solvable
+    assert torch.isfinite(alpha).all()
+
+
+def test_auto_choice_follows_the_memory_budget():
+    assert choose_solver(100, torch.float64, "128MB") == "cholesky"
+    try:
+        import rfm_fast.solvers.preconditioned  # noqa: F401
+        large = "pcg"
+    except ModuleNotFoundError:
+        large = "cg"
+    assert choose_solver(3000, torch.float64, "64MB") == large
+    X, Y, _ = _problem(6, n=30)
+    _, info = krr_solve(X, Y, reg=1e-1, return_info=True)
+    assert info["solver"] == "cholesky"
+
+
+def test_numpy_and_1d_targets():
+    X, Y, _ = _problem(7, n=40, c=1)
+    out = krr_solve(X.numpy(), Y[:, 0].numpy(), reg=1e-2)
+    assert isinstance(out, np.ndarray) and out.shape == (40,) and out.dtype == np.float64
+    np.testing.assert_allclose(out, _reference(X, Y, None, "laplace", 1.0, 1e-2)[:, 0].numpy(), rtol=1e-9)
+
+
+def test_argument_errors():
+    X, Y, _ = _problem(8, n=10)
+    with pytest.raises(ValueError, match="solver"):
+        krr_solve(X, Y, solver="lu")
+    with pytest.raises(ValueError, match="reg"):
+        krr_solve(X, Y, reg=-1.0)
+    with pytest.raises(ValueError, match="Y must have shape"):
+        krr_solve(X, Y[:5])
+    with pytest.raises(ValueError, match="dtype"):
+        krr_solve(X, Y, dtype=torch.float16)
+    with pytest.raises(ValueError, match="tol"):
+        krr_solve(X, Y, solver="cg", tol=0.0)
+
+
+def test_explicit_pcg_without_the_module_says_so():
+    try:
+        import rfm_fast.solvers.preconditioned  # noqa: F401
+    except ModuleNotFoundError:
+        X, Y, _ = _problem(9, n=10)
+        with pytest.raises(RuntimeError, match="preconditioned"):
+            krr_solve(X, Y, solver="pcg")
+    else:
+        pytest.skip("rfm_fast.solvers.preconditioned is installed (tested in test_preconditioned.py)")
+
+
+def test_pcg_is_reachable_through_krr_solve():
+    pytest.importorskip("rfm_fast.solvers.preconditioned")
+    X, Y, _ = _problem(10, n=120)
+    ref = _reference(X, Y, None, "laplace", 1.0, 1e-1)
+    alpha, info = krr_solve(X, Y, reg=1e-1, solver="pcg", tol=1e-10, return_info=True)
+    assert info["solver"] == "pcg" and info["converged"]
+    assert _rel(alpha, ref) < 1e-7
