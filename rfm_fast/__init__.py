@@ -18,6 +18,7 @@ __version__ = "0.1.0"
 # The model layer is imported on first use, so `import rfm_fast` stays as light as the ops.
 _LAZY = {
     "krr_solve": "rfm_fast.solvers",
+    "ConvergenceError": "rfm_fast.solvers",
     "RFM": "rfm_fast.models",
     "DeepRFM": "rfm_fast.models",
     "metrics": "rfm_fast.metrics",

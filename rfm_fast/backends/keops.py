@@ -1,0 +1,183 @@
+"""KeOps backend: probe (``check`` / ``prefers``) and the shared run-time pieces of rfm_fast/ops/<op>/keops.py.
+
+Nothing here imports pykeops at module level: the probe answers from ``importlib.util.find_spec`` and the
+problem's dtype and device, and pykeops is imported by :func:`genred` on the first reduction that runs.
+
+Compile cache. pykeops 2.3 reads ``$KEOPS_CACHE_FOLDER`` once, when ``keopscore`` is imported, and builds its
+formulas under ``<folder>/<platform tag>/`` (default folder: ``~/.cache/keops<version>``). rfm_fast therefore
+never imports pykeops at ``import rfm_fast`` and never overrides the variable: set it before the first KeOps call
+(the test suite points it at ``<repo>/.cache/keops``, git-ignored) or leave it unset for KeOps' own default under
+the user's cache. When pykeops was already imported by the caller, its folder is kept as it is.
+
+Formulas. Every op runs on Euclidean coordinates z' = z S, x' = x S with S = M^{1/2} (rfm_fast/ops/common.py), so
+one formula serves M None, diagonal and dense; both kernels share it through a parameter vector p = (a, b):
+
+    s = ||z' - x'||^2 (from the coordinate differences: exactly 0 for equal rows)
+    k = exp(-(a sqrt(s) + b s))            laplace: a = 1/L, b = 0;  gaussian: a = 0, b = 1/(2 L^2)
+    w = (a rsqrt(s) + 2 b) k               the gradient weight up to sign: laplace k / (L r), gaussian k / L^2
+
+KeOps' Rsqrt is 0 at 0, so a pair at distance 0 has Laplace weight 0 (CONVENTIONS.md), never NaN. The shared
+formula cost no measurable time against a Laplace-only one (0.74 s against 0.78 s, m = n = 4000, d = 64, c = 1,
+on a shared 2-core machine), and an explicit Factorize of the distance was slower (1.12 s). Formulas compile once
+per (formula, dtype, d, c); m and n are free.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import os
+import shutil
+from typing import Optional
+
+# s, k and w above, in KeOps' formula language; z, x are Vi(d) / Vj(d), p is Pm(2).
+_SQ = "SqDist(z, x)"
+_KERNEL = f"Exp(-(Elem(p, 0) * Sqrt({_SQ}) + Elem(p, 1) * {_SQ}))"
+_WEIGHT = f"((Elem(p, 0) * Rsqrt({_SQ}) + IntCst(2) * Elem(p, 1)) * {_KERNEL})"
+
+# kernel_mv: sum_i k_ji alpha_i, output c.
+MV_FORMULA = f"{_KERNEL} * a"
+# kernel_grad / agop: sum_i (w_ji alpha_i) (x) (z'_j - x'_i), output c * d (row-major c x d). Scaling alpha by w
+# before the tensor product costs c multiplications a pair instead of c * d, and was ~25% faster than
+# w * TensorProd(alpha, z - x) (2.7 s against 3.7 s, m = n = 2000, d = 64, c = 10). The differences are taken
+# directly, so near pairs lose no digits; a "weights once" form w * [alpha | alpha (x) x'] (J = (W alpha) z'^T -
+# W V) was no faster (2.9 s) and cancels catastrophically for near pairs.
+GRAD_FORMULA = f"TensorProd({_WEIGHT} * a, z - x)"
+
+_FORMULAS = {"mv": MV_FORMULA, "grad": GRAD_FORMULA}
+
+# Where backend="auto" picks KeOps: (op, min(m, n) at least, d at most, c at most) per device type, from
+# benchmarks/results/keops_crossover.csv (`python benchmarks/bench_keops.py --sweep`: same-process medians against
+# backend="torch", timed in alternation, one thread each). On CPU the torch path won all 36 cases (n in
+# {1000, 5000, 20000}, d in {8, 64, 256}, c in {1, 10}, kernel_mv and agop): KeOps took 1.7x (n = 1000, d = 8) to
+# 67x (n = 20000, d = 256) the torch time, growing with d and n. KeOps' CPU map-reduce is a scalar double loop per
+# pair, while the torch path runs the d- and c*d-sized work as GEMMs. So auto never picks KeOps on CPU. No GPU was
+# at hand to measure on; until a GPU sweep adds rows here, auto keeps the triton/torch paths on CUDA as well.
+_AUTO_WINS: dict[str, tuple] = {"cpu": (), "cuda": ()}
+
+
+@functools.lru_cache(maxsize=None)
+def _installed() -> bool:
+    return importlib.util.find_spec("pykeops") is not None
+
+
+@functools.lru_cache(maxsize=None)
+def _missing_compiler() -> Optional[str]:
+    compiler = os.environ.get("CXX") or "g++"
+    if shutil.which(compiler) is None and shutil.which("clang++") is None:
+        return f"KeOps compiles its formulas on CPU with a C++ compiler; {compiler!r} was not found"
+    return None
+
+
+def check(op: str, problem) -> Optional[str]:
+    """Why backend="keops" cannot run ``op`` on ``problem`` here, or None. Runs on every auto dispatch on CPU, so
+    the environment lookups are cached and pykeops is imported only for CUDA tensors."""
+    if not _installed():
+        return "pykeops is not installed (pip install 'rfm_fast[keops]')"
+    import torch
+
+    if problem.dtype not in (torch.float32, torch.float64):
+        return f"KeOps runs float32 and float64 only, got {problem.dtype}"
+    device = problem.device.type
+    if device == "cpu":
+        return _missing_compiler()
+    if device == "cuda":
+        try:
+            import pykeops.config
+        except Exception as exc:  # a broken install must read as "cannot run", not crash auto dispatch
+            return f"pykeops failed to import: {exc}"
+        if not pykeops.config.gpu_available:
+            return "this pykeops installation has no CUDA support"
+        return None
+    return f"KeOps runs on CPU and CUDA tensors, got device {problem.device}"
+
+
+def prefers(op: str, problem) -> Optional[str]:
+    """Why backend="auto" should not pick KeOps for this call, or None (see ``_AUTO_WINS``)."""
+    if op == "kernel_matrix":
+        return "kernel_matrix materialises its m x n output: KeOps adds nothing, the torch path runs it"
+    wins = _AUTO_WINS.get(problem.device.type, ())
+    m, d = problem.x.shape
+    n, c = problem.centers.shape[0], problem.alpha.shape[1]
+    for win_op, n_min, d_max, c_max in wins:
+        if win_op == op and min(m, n) >= n_min and d <= d_max and c <= c_max:
+            return None
+    return (f"the torch path measured faster than KeOps for {op} on {problem.device.type} at this size "
+            "(benchmarks/results/keops_crossover.csv)")
+
+
+_GENREDS: dict = {}
+
+
+def _import_genred():
+    """pykeops.torch.Genred; the first import fixes KeOps' compile cache from $KEOPS_CACHE_FOLDER."""
+    from pykeops.torch import Genred
+
+    return Genred
+
+
+def genred(kind: str, d: int, c: int):
+    """The (cached) KeOps reduction ``kind`` ("mv" or "grad") for dimension d and c outputs per point: a
+    callable (z' (m, d), x' (n, d), alpha (n, c), p (2,)) -> (m, c) or (m, c * d), summing over the centres."""
+    key = (kind, d, c)
+    routine = _GENREDS.get(key)
+    if routine is None:
+        Genred = _import_genred()
+        aliases = [f"z = Vi({d})", f"x = Vj({d})", f"a = Vj({c})", "p = Pm(2)"]
+        routine = Genred(_FORMULAS[kind], aliases, reduction_op="Sum", axis=1)
+        _GENREDS[key] = routine
+    return routine
+
+
+def kernel_params(kernel: str, bandwidth: float, like):
+    """The parameter vector p = (a, b) of the shared formulas, in ``like``'s dtype and device."""
+    import torch
+
+    if kernel == "laplace":
+        values = (1.0 / bandwidth, 0.0)
+    else:
+        values = (0.0, 0.5 / bandwidth**2)
+    return torch.tensor(values, dtype=like.dtype, device=like.device)
+
+
+def reduce(routine, z, x, alpha, p):
+    """Run a reduction on the device of the inputs (contiguous copies where needed)."""
+    import torch
+
+    args = [t.contiguous() for t in (z, x, alpha, p)]
+    with torch.no_grad():
+        if z.device.type == "cuda":
+            return routine(*args, backend="GPU", device_id=z.device.index or 0)
+        return routine(*args, backend="CPU")
+
+
+def euclidean_points(z, x, M):
+    """(z S, x S, S) with S = M^{1/2} in float64 (None, (d,) or (d, d); see rfm_fast/ops/common.py).
+
+    Equal rows of z and x must map to bit-equal rows, or a self pair gets a tiny nonzero distance and a full-size
+    Laplace gradient term (k (z - x) / (L r) has norm ~1/L however small r is). Scaling by a diagonal is exact
+    row by row; a dense S is applied to z and x in one float64 product (the rows of one GEMM share one summation
+    order) and rounded to the input dtype, which also leaves the transformed points nearly correctly rounded.
+    """
+    import torch
+
+    from ..ops.common import metric_sqrt
+
+    S = metric_sqrt(M, torch.float64)
+    if S is None:
+        return z, x, None
+    same = _same_tensor(z, x)
+    if S.ndim == 1:
+        s = S.to(z.dtype)
+        zt = z * s
+        return zt, zt if same else x * s, S
+    if same:
+        zt = (z.to(torch.float64) @ S).to(z.dtype)
+        return zt, zt, S
+    both = (torch.cat([z, x]).to(torch.float64) @ S).to(z.dtype)
+    return both[: z.shape[0]], both[z.shape[0]:], S
+
+
+def _same_tensor(a, b) -> bool:
+    """a and b view the same memory the same way (agop(X, X, ...) from numpy gives two such tensors)."""
+    return a is b or (a.data_ptr() == b.data_ptr() and a.shape == b.shape and a.stride() == b.stride())
