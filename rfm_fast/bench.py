@@ -26,11 +26,14 @@ import time
 from dataclasses import asdict, dataclass
 from typing import Callable, Optional
 
-DEFAULT_CASES = ((20000, 64, 10), (10000, 64, 10))
+DEFAULT_CASES = ((20000, 64, 10), (10000, 64, 10), (3000, 64, 10))
 QUICK_CASES = ((5000, 64, 10), (2000, 32, 1))
 FLOOR_ROWS = 256
 # xrfm materialises several n x m matrices and the m x c x d gradients: ~8.6 GB at n = m = 10^4, d = 64, c = 10.
 XRFM_MAX_PAIRS = 1.2e8
+# KeOps' CPU code is a scalar loop per pair: ~7.6 s at n = m = 3000 (benchmarks/results/keops_crossover.csv), so
+# larger problems would take minutes per repetition.
+KEOPS_CPU_MAX_PAIRS = 1e7
 
 
 @dataclass
@@ -184,6 +187,9 @@ def measure(cases, backends, *, kernel="laplace", dtype="float32", bandwidth=10.
         for backend in backends:
             if backend == "xrfm" and n * n > XRFM_MAX_PAIRS:
                 log(f"  xrfm skipped at n={n}: it needs ~{8.6 * n * n / 1e8:.0f} GB")
+                continue
+            if backend == "keops" and n * n > KEOPS_CPU_MAX_PAIRS and X.device.type == "cpu":
+                log(f"  keops skipped at n={n}: minutes per call on CPU (see benchmarks/results/keops_crossover.csv)")
                 continue
             note = ""
             try:
