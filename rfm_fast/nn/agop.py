@@ -14,6 +14,7 @@ layer to the output.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Any, Callable, Optional
 
@@ -43,6 +44,25 @@ def _as_tensor(X: Any) -> torch.Tensor:
     return X
 
 
+@contextlib.contextmanager
+def _count_activations(fn: Any):
+    """Counts the elements of every leaf module's output during one forward pass of ``fn`` (0 if fn is not a
+    module): the per-sample activation footprint that sizes the default batch."""
+    count = [0]
+    handles = []
+    if isinstance(fn, nn.Module):
+        def hook(module, inputs, output):
+            if isinstance(output, torch.Tensor):
+                count[0] += output.numel()
+
+        handles = [m.register_forward_hook(hook) for m in fn.modules() if next(m.children(), None) is None]
+    try:
+        yield count
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
 def _per_sample(fn: Callable[[torch.Tensor], torch.Tensor]) -> Callable[[torch.Tensor], torch.Tensor]:
     # The callable is written for batches; giving it a batch of one keeps any batch-first code working under vmap.
     def single(x: torch.Tensor) -> torch.Tensor:
@@ -62,9 +82,10 @@ def layer_agop(fn: Callable[[torch.Tensor], torch.Tensor], X: Any, *, batch_size
         points take torch's choice of subgradient (ReLU'(0) = 0).
     X: (n, *in_shape) tensor or numpy array, n >= 1. It may stay on the CPU: only one batch at a time is moved to
         ``device``.
-    batch_size: samples per vmap call. Default: as many as keep the batch's Jacobians (b, c, d) plus twice that in
-        temporaries within ``memory_budget`` (bytes or "256MB"; default $RFM_FAST_MEMORY_BUDGET or 128 MiB).
-        The activations of fn for the batch come on top of that, so lower it for very wide networks.
+    batch_size: samples per vmap call. Default: as many as fit ``memory_budget`` (bytes or "256MB"; default
+        $RFM_FAST_MEMORY_BUDGET or 128 MiB) by an estimate of the batch's Jacobians (b, c, d), their temporaries
+        and fn's activations once per differentiated direction (counted with forward hooks on a module's leaf
+        modules during one probe call; for a plain callable, c + d per sample is assumed).
     mean: divide by n.
     device: where fn is evaluated. Default: the device of fn's first parameter when fn is a module with
         parameters, else X's device. fn must already live there; it is never moved.
@@ -90,7 +111,7 @@ def layer_agop(fn: Callable[[torch.Tensor], torch.Tensor], X: Any, *, batch_size
     n, d = X.shape[0], math.prod(X.shape[1:])
 
     single = _per_sample(fn)
-    with torch.no_grad():
+    with torch.no_grad(), _count_activations(fn) as activations:
         probe = single(X[:1][0].to(device=device, dtype=dtype))
     c = probe.numel()
     if mode == "auto":
@@ -99,8 +120,11 @@ def layer_agop(fn: Callable[[torch.Tensor], torch.Tensor], X: Any, *, batch_size
     batched = torch.func.vmap(jacobian)
 
     if batch_size is None:
-        itemsize = torch.finfo(dtype).bits // 8
-        batch_size = max(1, resolve_budget(memory_budget) // (3 * c * d * itemsize))
+        # Per sample: the Jacobian and its temporaries (~3 c d), and each intermediate activation once per
+        # output (rev) or input (fwd) direction, kept for the vmapped backward / forward pass.
+        directions = c if mode == "rev" else d
+        per_sample = 3 * c * d + 3 * directions * max(activations[0], c + d)
+        batch_size = max(1, resolve_budget(memory_budget) // (per_sample * (torch.finfo(dtype).bits // 8)))
     batch_size = min(int(batch_size), n)
 
     total = torch.zeros(d, d, dtype=torch.float64, device=device)

@@ -1,0 +1,109 @@
+"""Speed of the compiled CPU op ("cpp") against the same-run chunked-GEMM floor and the torch path.
+
+pytest-benchmark cases (``pytest benchmarks/bench_csrc.py --benchmark-only``) time the AGOP and the mat-vec at a
+moderate size; the script form interleaves floor / cpp / torch runs in one process and prints median ratios, the
+issue-6 target being cpp <= 1.15x floor and faster than torch at n = m = 20000, d = 64, c = 10, fp32, Laplace:
+
+    python benchmarks/bench_csrc.py --n 20000 --reps 5
+
+The floor is rfm_fast.bench.gemm_floor (the distance GEMM and the W @ V GEMM in 256-row tiles, no elementwise
+work), so this script and the ``rfm-fast bench`` table agree on it. Skips (pytest) or exits with the build hint
+(script) when the extension is not built.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+
+import pytest
+import torch
+
+import rfm_fast
+from rfm_fast import _ext
+from rfm_fast.bench import agop_flops, gemm_floor, make_problem
+
+BENCH_N, BENCH_D, BENCH_C = 5000, 64, 10
+BANDWIDTH = 10.0
+
+
+def _agop(X, alpha, backend, kernel="laplace"):
+    return lambda: rfm_fast.agop(X, X, alpha, kernel=kernel, bandwidth=BANDWIDTH, backend=backend)
+
+
+def _kernel_mv(X, alpha, backend, kernel="laplace"):
+    return lambda: rfm_fast.kernel_mv(X, X, alpha, kernel=kernel, bandwidth=BANDWIDTH, backend=backend)
+
+
+@pytest.fixture(scope="module")
+def problem():
+    reason = _ext.unavailable_reason()
+    if reason is not None:
+        pytest.skip(reason)
+    return make_problem(BENCH_N, BENCH_D, BENCH_C, "float32")
+
+
+@pytest.mark.parametrize("backend", ["cpp", "torch", "floor"])
+def test_agop_speed(benchmark, problem, backend):
+    X, alpha = problem
+    fn = gemm_floor(X, BENCH_C) if backend == "floor" else _agop(X, alpha, backend)
+    benchmark.group = f"agop n=m={BENCH_N} d={BENCH_D} c={BENCH_C} fp32 laplace"
+    benchmark.pedantic(fn, rounds=3, warmup_rounds=1)
+
+
+@pytest.mark.parametrize("backend", ["cpp", "torch"])
+@pytest.mark.parametrize("kernel", ["laplace", "gaussian"])
+def test_kernel_mv_speed(benchmark, problem, backend, kernel):
+    X, alpha = problem
+    benchmark.group = f"kernel_mv n=m={BENCH_N} d={BENCH_D} c={BENCH_C} fp32 {kernel}"
+    benchmark.pedantic(_kernel_mv(X, alpha, backend, kernel), rounds=3, warmup_rounds=1)
+
+
+def floor_ratios(n: int = 20000, d: int = 64, c: int = 10, *, dtype: str = "float32", kernel: str = "laplace",
+                 reps: int = 5, backends=("cpp", "torch"), log=print) -> dict:
+    """Median time of the floor and of each backend's AGOP, interleaved in one process (so load from other
+    processes hits all of them alike), and the per-round ratios to the floor. Returns
+    {"floor": s, backend: s, ..., "ratio": {backend: median of per-round ratios}}."""
+    X, alpha = make_problem(n, d, c, dtype)
+    fns = {"floor": gemm_floor(X, c), **{b: _agop(X, alpha, b, kernel) for b in backends}}
+    for fn in fns.values():
+        fn()
+    times = {k: [] for k in fns}
+    for rep in range(reps):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+        log(f"round {rep + 1}: " + ", ".join(f"{k} {v[-1]:.3f}s" for k, v in times.items()))
+    out = {k: statistics.median(v) for k, v in times.items()}
+    out["ratio"] = {b: statistics.median(t / f for t, f in zip(times[b], times["floor"])) for b in backends}
+    flops = agop_flops(n, n, d, c)
+    log(f"n=m={n} d={d} c={c} {dtype} {kernel}, {torch.get_num_threads()} threads: floor {out['floor']:.3f}s "
+        f"({flops / out['floor'] / 1e9:.0f} GFLOP/s); " +
+        ", ".join(f"{b} {out[b]:.3f}s = {out['ratio'][b]:.3f}x floor" for b in backends))
+    return out
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--n", type=int, default=20000)
+    parser.add_argument("--d", type=int, default=64)
+    parser.add_argument("--c", type=int, default=10)
+    parser.add_argument("--dtype", default="float32", choices=("float32", "float64"))
+    parser.add_argument("--kernel", default="laplace", choices=("laplace", "gaussian"))
+    parser.add_argument("--reps", type=int, default=5)
+    parser.add_argument("--backends", nargs="*", default=["cpp", "torch"])
+    args = parser.parse_args(argv)
+    reason = _ext.unavailable_reason()
+    if reason is not None and "cpp" in args.backends:
+        print(reason, file=sys.stderr)
+        return 1
+    floor_ratios(args.n, args.d, args.c, dtype=args.dtype, kernel=args.kernel, reps=args.reps,
+                 backends=tuple(args.backends))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

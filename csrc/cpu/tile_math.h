@@ -1,0 +1,80 @@
+// Elementwise pieces of the fused CPU tiles: a branch-free exp for non-positive arguments (so the weight loop
+// vectorises without -ffast-math), the kernel values and gradient weights, and the exact pair geometry used for
+// the near field. Shared by gradient.cpp and kernel_mv.cpp.
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+
+#include "../pair_args.h"
+
+namespace rfm_fast::cpu {
+
+// exp(x) for x <= 0 in float: Cody-Waite reduction x = n ln2 + r, |r| <= ln2 / 2, a degree-7 Taylor polynomial
+// (truncation error < 5e-9 relative, below float rounding) and 2^n built from the exponent bits. Pure arithmetic
+// and selects, so `#pragma omp simd` loops vectorise with the plain ISA. Below -87 (where expf is subnormal) the
+// result is flushed to 0: the kernels only ever multiply it by bounded factors.
+inline float exp_nonpos(float x) {
+  const float xs = x < -87.0f ? -87.0f : x;
+  const float n = std::floor(xs * 1.44269504088896341f + 0.5f);
+  const float r = (xs - n * 0.693359375f) + n * 2.12194440e-4f;
+  float p = 1.0f / 5040.0f;
+  p = p * r + 1.0f / 720.0f;
+  p = p * r + 1.0f / 120.0f;
+  p = p * r + 1.0f / 24.0f;
+  p = p * r + 1.0f / 6.0f;
+  p = p * r + 0.5f;
+  p = p * r + 1.0f;
+  p = p * r + 1.0f;
+  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
+  float two_n;
+  std::memcpy(&two_n, &bits, sizeof(float));
+  return x < -87.0f ? 0.0f : p * two_n;
+}
+
+// float64 keeps libm's exp: the float64 path is GEMM-bound by a wider margin and needs full precision.
+inline double exp_nonpos(double x) { return std::exp(x); }
+
+// Gradient weight up to the common factor -1/L^2, from s = scale * ||z - x||^2 > 0:
+//   laplace (scale = 1/L^2):       e^{-r'} / r',  r' = sqrt(s) = r / L
+//   gaussian (scale = 1/(2 L^2)):  e^{-s}
+template <typename T>
+inline T gradient_weight(T s, bool laplace) {
+  if (laplace) {
+    const T r = std::sqrt(s);
+    return exp_nonpos(-r) / r;
+  }
+  return exp_nonpos(-s);
+}
+
+// Kernel value from s as above: laplace e^{-sqrt(s)}, gaussian e^{-s}.
+template <typename T>
+inline T kernel_value(T s, bool laplace) {
+  return exp_nonpos(laplace ? -std::sqrt(s) : -s);
+}
+
+// u = (z_j - x_i) S from the original points and ||u||^2: exactly 0 for equal rows, free of the cancellation of
+// the expanded distance. S: none (identity), a diagonal (d,) or a symmetric dense (d, d).
+template <typename T>
+inline T exact_difference(const T* z, const T* x, const T* S, MetricKind kind, int64_t d, T* u) {
+  if (kind == MetricKind::Dense) {
+    for (int64_t l = 0; l < d; ++l) u[l] = T(0);
+    for (int64_t k = 0; k < d; ++k) {
+      const T diff = z[k] - x[k];
+      if (diff == T(0)) continue;
+      const T* row = S + k * d;
+      for (int64_t l = 0; l < d; ++l) u[l] += diff * row[l];
+    }
+  } else {
+    for (int64_t l = 0; l < d; ++l) {
+      const T diff = z[l] - x[l];
+      u[l] = kind == MetricKind::Diagonal ? diff * S[l] : diff;
+    }
+  }
+  T sq = T(0);
+  for (int64_t l = 0; l < d; ++l) sq += u[l] * u[l];
+  return sq;
+}
+
+}  // namespace rfm_fast::cpu

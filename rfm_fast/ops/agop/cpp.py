@@ -1,0 +1,41 @@
+"""AGOP through the compiled op ``torch.ops.rfm_fast.agop`` (csrc/cpu/gradient.cpp on CPU tensors,
+csrc/cuda/gradient.cu on CUDA tensors; build: RFM_FAST_BUILD_EXT=1 pip install --no-build-isolation -e .).
+
+The op returns, in Euclidean coordinates (zc = z S - mu, xc = x S - mu, S = M^{1/2}), the float64 sums
+    A' = sum_j G_j^T G_j  (d, d)   and   s = sum_j G_j  (c, d),   G_j = sum_i w_ji alpha_i (x) (zc_j - xc_i),
+with J_j = -(1/L^2) G_j S (CONVENTIONS.md). Here: AGOP = S (A' / (m L^4) - mu^T mu) S with mu = -s / (m L^2)
+when centred, symmetrised, then the diagonal if asked.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from ... import _ext
+from ..common import agop_from_euclidean
+
+
+def agop(z: torch.Tensor, x: torch.Tensor, alpha: torch.Tensor, M: Optional[torch.Tensor], kernel: str,
+         bandwidth: float, centered: bool, diag: bool, memory_budget: int) -> torch.Tensor:
+    """z (m, d), x (n, d), alpha (n, c) -> AGOP (d, d), or its diagonal (d,)."""
+    _ext.load()
+    p = _ext.euclidean_problem(z, x, alpha, M, kernel, bandwidth)
+    rows, cols, whole = _ext.plan(p, memory_budget, threads=_threads(z), gradient=True)
+    coeffs = _ext.stacked_coefficients(p) if whole else None
+    outer, sums = torch.ops.rfm_fast.agop(p.zc, p.xc, p.alpha, coeffs, p.z, p.x, p.S, kernel, p.scale, p.rtol,
+                                          p.direct, rows, cols)
+    m = z.shape[0]
+    scale = 1.0 / bandwidth**2
+    total = outer * (scale * scale / m)
+    if centered:
+        mean = sums * (-scale / m)
+        total -= mean.T @ mean
+    A = agop_from_euclidean(total, None if p.S is None else p.S.double())
+    A = 0.5 * (A + A.T)
+    return (torch.diagonal(A).clone() if diag else A).to(z.dtype)
+
+
+def _threads(t: torch.Tensor) -> int:
+    return torch.get_num_threads() if t.device.type == "cpu" else 1

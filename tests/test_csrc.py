@@ -1,0 +1,220 @@
+"""The compiled backends ("cpp" on CPU tensors, "cuda" on CUDA tensors) against the float64 naive reference.
+
+Skipped when the extension is not built (build: RFM_FAST_BUILD_EXT=1 pip install --no-build-isolation -e .; on a
+box without pip, set RFM_FAST_EXT_JIT=1 and the module builds it once with rfm_fast._ext.build_inplace()). The
+CUDA cases run only where torch sees a GPU and the extension has its CUDA kernels. The missing-extension error is
+tested whether or not the extension is built.
+"""
+
+from __future__ import annotations
+
+import os
+import zlib
+
+import pytest
+import torch
+
+import rfm_fast
+from rfm_fast import _dispatch, _ext
+from rfm_fast._validation import prepare
+
+from .test_ops import KERNELS, M_FORMS, call, make_data, make_metric, reference
+from .tolerances import REL_FRO, rel_fro
+
+if os.environ.get("RFM_FAST_EXT_JIT") == "1" and _ext.unavailable_reason() is not None:
+    _ext._state.update(loaded=False, error=None)
+    _ext.build_inplace(verbose=False)
+
+EXT_REASON = _ext.unavailable_reason()
+needs_ext = pytest.mark.skipif(EXT_REASON is not None, reason=str(EXT_REASON))
+DEVICES = ["cpu"]
+if EXT_REASON is None and torch.cuda.is_available() and _ext.has_cuda_kernels():
+    DEVICES.append("cuda")
+BACKEND = {"cpu": "cpp", "cuda": "cuda"}
+DTYPES = (torch.float32, torch.float64)
+OPS = ("kernel_mv", "kernel_grad", "agop")
+SIZES = [  # (m, n, d, c): a single pair, direct small-d path, awkward tile remainders, wide d
+    (1, 1, 1, 1),
+    (50, 60, 3, 2),
+    (37, 129, 17, 3),
+    (129, 37, 64, 2),
+    (37, 129, 257, 2),
+]
+
+
+def _on(device, *tensors):
+    return [None if t is None else t.to(device) for t in tensors]
+
+
+def _seed(*key) -> torch.Generator:
+    return torch.Generator().manual_seed(zlib.crc32(repr(key).encode()))
+
+
+@needs_ext
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("op", OPS)
+@pytest.mark.parametrize("kernel", KERNELS)
+@pytest.mark.parametrize("form", M_FORMS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("size", SIZES, ids=lambda s: "x".join(map(str, s)))
+def test_matches_float64_reference(device, op, kernel, form, dtype, size):
+    m, n, d, c = size
+    Z, X, alpha = make_data(m, n, d, c, _seed(op, kernel, form, size))
+    M = make_metric(form, d, _seed(form, d))
+    bandwidth = 0.7 * d**0.5 + 0.3
+    Zt, Xt, at, Mt = (None if t is None else t.to(dtype) for t in (Z, X, alpha, M))
+    out = call(op, *_on(device, Zt, Xt, at, Mt), kernel, bandwidth, backend=BACKEND[device])
+    ref = reference(op, Zt, Xt, at, Mt, kernel, bandwidth)
+    assert out.dtype == dtype and out.device.type == device and out.shape == ref.shape
+    assert torch.isfinite(out).all()
+    assert rel_fro(out, ref) <= REL_FRO[dtype]
+
+
+@needs_ext
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("kernel", KERNELS)
+@pytest.mark.parametrize("form", M_FORMS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("centered,diag", [(False, False), (True, False), (False, True), (True, True)])
+def test_agop_options_x_is_centers(device, kernel, form, dtype, centered, diag):
+    gen = _seed("options", kernel, form)
+    n, d, c = 300, 24, 5
+    X = torch.randn(n, d, generator=gen, dtype=torch.float64)
+    X[10:20] = X[:10]  # duplicated centres: self pairs and duplicate pairs at distance 0
+    alpha = torch.randn(n, c, generator=gen, dtype=torch.float64)
+    M = make_metric(form, d, gen)
+    Xt, at, Mt = X.to(dtype), alpha.to(dtype), None if M is None else M.to(dtype)
+    Xd, ad, Md = _on(device, Xt, at, Mt)
+    out = rfm_fast.agop(Xd, Xd, ad, kernel=kernel, bandwidth=3.0, M=Md, centered=centered, diag=diag,
+                        backend=BACKEND[device])
+    ref = reference("agop", Xt, Xt, at, Mt, kernel, 3.0, centered=centered, diag=diag)
+    assert out.shape == ((d,) if diag else (d, d))
+    assert rel_fro(out, ref) <= REL_FRO[dtype]
+    if not diag:
+        assert torch.equal(out, out.T)
+
+
+@needs_ext
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("op", OPS)
+def test_one_dimensional_alpha(device, op):
+    gen = _seed("alpha1d", op)
+    Z, X, alpha = make_data(40, 70, 9, 1, gen)
+    a1 = alpha[:, 0]
+    out = call(op, *_on(device, Z, X, a1), None, "laplace", 2.0, backend=BACKEND[device])
+    ref = reference(op, Z, X, alpha, None, "laplace", 2.0)
+    if op != "agop":
+        ref = ref[:, 0]
+    assert out.shape == ref.shape
+    assert rel_fro(out, ref) <= REL_FRO[torch.float64]
+
+
+@needs_ext
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("kernel", KERNELS)
+@pytest.mark.parametrize("op", OPS)
+def test_small_budget_tiles_and_streamed_coefficients(device, kernel, op):
+    """A 1 MiB budget forces many tiles and per-tile alpha (x) x: same answer as the default plan."""
+    gen = _seed("budget", kernel, op)
+    Z, X, alpha = make_data(300, 2500, 40, 7, gen)
+    Zd, Xd, ad = _on(device, Z, X, alpha)
+    big = call(op, Zd, Xd, ad, None, kernel, 4.0, backend=BACKEND[device])
+    small = call(op, Zd, Xd, ad, None, kernel, 4.0, backend=BACKEND[device], memory_budget="1MB")
+    assert rel_fro(small, big) <= 1e-12
+    assert rel_fro(small, reference(op, Z, X, alpha, None, kernel, 4.0)) <= REL_FRO[torch.float64]
+
+
+@needs_ext
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("tile_rows,tile_cols", [(1, 1), (7, 13), (64, 1000)])
+def test_raw_op_any_tile_shape(device, tile_rows, tile_cols):
+    """The torch op itself, with tile shapes that leave remainders everywhere, against the binding's answer."""
+    gen = _seed("raw", tile_rows, tile_cols)
+    Z, X, alpha = make_data(45, 101, 11, 3, gen)
+    M = make_metric("dense", 11, gen)
+    Zd, Xd, ad, Md = _on(device, Z, X, alpha, M)
+    p = _ext.euclidean_problem(Zd, Xd, ad, Md, "laplace", 1.5)
+    outer, sums = torch.ops.rfm_fast.agop(p.zc, p.xc, p.alpha, None, p.z, p.x, p.S, "laplace", p.scale, p.rtol,
+                                          p.direct, tile_rows, tile_cols)
+    G = torch.ops.rfm_fast.kernel_grad(p.zc, p.xc, p.alpha, None, p.z, p.x, p.S, "laplace", p.scale, p.rtol,
+                                       p.direct, tile_rows, tile_cols)
+    flat = G.reshape(-1, 11)
+    assert rel_fro(outer, flat.T @ flat) <= 1e-12
+    assert rel_fro(sums, G.sum(0)) <= 1e-12
+    f = torch.ops.rfm_fast.kernel_mv(p.zc, p.xc, p.alpha, p.z, p.x, p.S, "laplace", p.scale, p.rtol, p.direct,
+                                     tile_rows, tile_cols)
+    assert rel_fro(f, reference("kernel_mv", Z, X, alpha, M, "laplace", 1.5)) <= REL_FRO[torch.float64]
+
+
+@needs_ext
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("kernel", KERNELS)
+@pytest.mark.parametrize("op", OPS)
+@pytest.mark.parametrize("form", M_FORMS)
+def test_near_duplicates_and_offset_data_fp32(device, kernel, op, form):
+    """Points a hair away from centres, data far from the origin: the exact near-field recheck keeps ~1e-5."""
+    gen = _seed("near", kernel, op, form)
+    n, d = 400, 32
+    X = torch.randn(n, d, generator=gen, dtype=torch.float64) + 20.0
+    Z = torch.cat([X[:150] + 1e-4 * torch.randn(150, d, generator=gen, dtype=torch.float64), X[150:200]])
+    alpha = torch.randn(n, 3, generator=gen, dtype=torch.float64)
+    M = make_metric(form, d, gen)
+    Z32, X32, a32, M32 = (None if t is None else t.float() for t in (Z, X, alpha, M))
+    out = call(op, *_on(device, Z32, X32, a32, M32), kernel, 2.0, backend=BACKEND[device])
+    ref = reference(op, Z32, X32, a32, M32, kernel, 2.0)
+    assert rel_fro(out, ref) <= REL_FRO[torch.float32]
+
+
+@needs_ext
+@pytest.mark.parametrize("device", DEVICES)
+def test_non_contiguous_inputs_and_determinism(device):
+    gen = _seed("strided")
+    Z, X, alpha = make_data(90, 160, 20, 4, gen)
+    Zs = torch.cat([Z, Z], dim=1).float()[:, ::2]  # every other column: not contiguous
+    Xs, a = X.float().T.contiguous().T, alpha.float()  # column-major
+    assert not Zs.is_contiguous() and not Xs.is_contiguous()
+    Zs, Xs, a = _on(device, Zs, Xs, a)
+    first = rfm_fast.agop(Zs, Xs, a, backend=BACKEND[device], centered=True)
+    again = rfm_fast.agop(Zs, Xs, a, backend=BACKEND[device], centered=True)
+    assert torch.equal(first, again)
+    ref = reference("agop", Zs.cpu(), Xs.cpu(), a.cpu(), None, "laplace", 1.0, centered=True)
+    assert rel_fro(first, ref) <= REL_FRO[torch.float32]
+
+
+@needs_ext
+def test_auto_prefers_the_compiled_cpu_op():
+    x = torch.randn(20, 8)
+    problem = prepare(x, x, torch.randn(20, 2), None, "laplace", 1.0, need_alpha=True)
+    assert _dispatch.choose("agop", problem, "auto").name == "cpp"
+    assert _dispatch.choose("kernel_matrix", problem, "auto").name != "cpp"
+    with pytest.raises(RuntimeError, match="implements"):
+        rfm_fast.kernel_matrix(x, x, backend="cpp")
+
+
+def test_cuda_backend_refuses_cpu_tensors():
+    x = torch.randn(10, 3)
+    with pytest.raises(RuntimeError, match="CUDA tensors"):
+        rfm_fast.agop(x, x, torch.randn(10), backend="cuda")
+
+
+def test_explicit_request_without_the_extension_raises_the_build_hint(monkeypatch):
+    """Simulate an installation without rfm_fast._C: backend="cpp" raises one actionable error, auto falls back."""
+    real_import = _ext.importlib.import_module
+
+    def fake_import(name, *args, **kwargs):
+        if name == "rfm_fast._C":
+            raise ModuleNotFoundError("No module named 'rfm_fast._C'", name="rfm_fast._C")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(_ext.importlib, "import_module", fake_import)
+    monkeypatch.setattr(_ext, "_ops_registered", lambda: False)
+    monkeypatch.setattr(_ext, "_state", {"loaded": False, "error": None})
+    x = torch.randn(12, 5)
+    alpha = torch.randn(12, 2)
+    with pytest.raises(RuntimeError, match=r"RFM_FAST_BUILD_EXT=1 pip install --no-build-isolation -e \.") as err:
+        rfm_fast.agop(x, x, alpha, backend="cpp")
+    assert "backend='cpp'" in str(err.value) and "not built" in str(err.value)
+    problem = prepare(x, x, alpha, None, "laplace", 1.0, need_alpha=True)
+    assert _dispatch.choose("agop", problem, "auto").name != "cpp"
+    with pytest.raises(RuntimeError, match="not built"):
+        _ext.load()
