@@ -182,10 +182,12 @@ def test_non_contiguous_inputs_and_determinism(device):
 
 
 @needs_ext
-def test_auto_prefers_the_compiled_cpu_op():
+def test_auto_keeps_the_faster_torch_path_and_explicit_cpp_runs():
+    # auto follows the measured table (benchmarks/results/agop_cpu.csv), where the torch path is faster on 2 cores
     x = torch.randn(20, 8)
     problem = prepare(x, x, torch.randn(20, 2), None, "laplace", 1.0, need_alpha=True)
-    assert _dispatch.choose("agop", problem, "auto").name == "cpp"
+    assert _dispatch.choose("agop", problem, "auto").name == "torch"
+    assert _dispatch.choose("agop", problem, "cpp").name == "cpp"
     assert _dispatch.choose("kernel_matrix", problem, "auto").name != "cpp"
     with pytest.raises(RuntimeError, match="implements"):
         rfm_fast.kernel_matrix(x, x, backend="cpp")

@@ -156,8 +156,10 @@ def euclidean_points(z, x, M):
 
     Equal rows of z and x must map to bit-equal rows, or a self pair gets a tiny nonzero distance and a full-size
     Laplace gradient term (k (z - x) / (L r) has norm ~1/L however small r is). Scaling by a diagonal is exact
-    row by row; a dense S is applied to z and x in one float64 product (the rows of one GEMM share one summation
-    order) and rounded to the input dtype, which also leaves the transformed points nearly correctly rounded.
+    row by row. A dense S goes through a GEMM, and a GEMM does not promise one summation order for all its rows
+    (measured: MKL on an AMD EPYC gave equal float64 rows of one product different last bits, at d = 17). So the
+    distinct rows of z and x are found first (torch.unique), transformed once in float64 and rounded to the input
+    dtype, and gathered back: equal rows share one transformed row by construction.
     """
     import torch
 
@@ -171,11 +173,12 @@ def euclidean_points(z, x, M):
         s = S.to(z.dtype)
         zt = z * s
         return zt, zt if same else x * s, S
+    both = z if same else torch.cat([z, x])
+    distinct, inverse = torch.unique(both, dim=0, return_inverse=True)
+    transformed = (distinct.to(torch.float64) @ S).to(z.dtype)[inverse]
     if same:
-        zt = (z.to(torch.float64) @ S).to(z.dtype)
-        return zt, zt, S
-    both = (torch.cat([z, x]).to(torch.float64) @ S).to(z.dtype)
-    return both[: z.shape[0]], both[z.shape[0]:], S
+        return transformed, transformed, S
+    return transformed[: z.shape[0]], transformed[z.shape[0]:], S
 
 
 def _same_tensor(a, b) -> bool:
