@@ -159,6 +159,48 @@ def test_tiling_and_streamed_coefficients(kernel, op):
 @pytest.mark.parametrize("kernel", KERNELS)
 @pytest.mark.parametrize("op", ["kernel_mv", "kernel_grad", "agop"])
 @pytest.mark.parametrize("form", M_FORMS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("group", [2, None], ids=["groups", "one-group"])
+def test_symmetric_schedule_x_is_centers(monkeypatch, kernel, op, form, dtype, group):
+    """z equal to x takes the symmetric schedule (each tile between two blocks used twice). Small blocks make
+    mirrored tiles, and a cap of two blocks per group (what a tight budget gives at large n) splits the
+    accumulator; duplicates and near pairs sit in different blocks so their exact contributions are mirrored too.
+    An equal copy of x must take the same path as x itself."""
+    from rfm_fast.ops import common
+    from rfm_fast.ops.kernel_grad import torch as grad_torch
+    from rfm_fast.ops.kernel_mv import torch as mv_torch
+
+    monkeypatch.setattr(common, "SYMMETRIC_BLOCK", 64)
+    plans = []
+
+    def capped(*args, **kw):
+        plan = common.plan_symmetric(*args, **kw)
+        if group is not None:
+            plan.group = min(plan.group, group)
+        plans.append(plan)
+        return plan
+
+    monkeypatch.setattr(grad_torch, "plan_symmetric", capped)
+    monkeypatch.setattr(mv_torch, "plan_symmetric", capped)
+    gen = torch.Generator().manual_seed(23)
+    n, d, c = 450, 19, 3
+    X = torch.randn(n, d, generator=gen, dtype=torch.float64)
+    X[300] = X[2]
+    X[401] = X[70] + 1e-3 * torch.randn(d, generator=gen, dtype=torch.float64)
+    X = X.to(dtype)
+    alpha = torch.randn(n, c, generator=gen, dtype=torch.float64).to(dtype)
+    M = make_metric(form, d, gen)
+    M = None if M is None else M.to(dtype)
+    out = call(op, X, X.clone(), alpha, M, kernel, 2.5)
+    assert len(plans) == 1 and plans[0].block == 64
+    ref = reference(op, X, X, alpha, M, kernel, 2.5)
+    assert torch.isfinite(out).all()
+    assert rel_fro(out, ref) <= REL_FRO[dtype]
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+@pytest.mark.parametrize("op", ["kernel_mv", "kernel_grad", "agop"])
+@pytest.mark.parametrize("form", M_FORMS)
 def test_near_duplicates_and_offset_data_fp32(kernel, op, form):
     """Points a hair away from centres and data far from the origin: the GEMM expansion alone loses these
     distances in fp32; the exact recheck and the near-field gradient keep ~1e-5."""

@@ -72,6 +72,15 @@ def exact_sq_dist(z: torch.Tensor, x: torch.Tensor, M: Optional[torch.Tensor]) -
     return ((diff @ M) * diff).sum(-1)
 
 
+def same_points(z: torch.Tensor, x: torch.Tensor) -> bool:
+    """z and x hold the same rows, bit for bit (the same tensor, or an equal copy: O(n d), once per call)."""
+    if z.shape != x.shape or z.dtype != x.dtype or z.device != x.device:
+        return False
+    if z.data_ptr() == x.data_ptr() and z.stride() == x.stride():
+        return True
+    return bool(torch.equal(z, x))
+
+
 class NearPairs(NamedTuple):
     """Pairs of a tile whose distance was recomputed exactly: local row and column indices, and s * ||z - x||_M^2
     (unsigned, scaled like the tile). Exactly-zero pairs are among them with ``scaled_sq == 0``."""
@@ -100,16 +109,20 @@ class DistanceTiles:
         self.d = z.shape[1]
         self.direct = self.d <= DIRECT_DISTANCE_MAX_D
         self.rtol = RECHECK_RTOL[z.dtype]
-        zt, xt = apply_metric(z, S), apply_metric(x, S)
+        # z equal to x (the AGOP at the training points, every kernel solve): one transformed copy serves both, so
+        # tile (I, J) is exactly the transpose of tile (J, I) and the symmetric schedules below may use it twice.
+        self.symmetric = same_points(z, x)
+        xt = apply_metric(x, S)
+        zt = xt if self.symmetric else apply_metric(z, S)
         # Centring at the centres' mean keeps the expansion's cancellation error proportional to the spread of the
         # data rather than its offset from the origin; distances and z - x are unchanged by it.
         shift = xt.mean(0, keepdim=True)
-        self.zc = zt - shift
         self.xc = xt - shift
+        self.zc = self.xc if self.symmetric else zt - shift
         if self.direct:
             return
-        self.zn = (self.zc * self.zc).sum(1)
         self.xn = (self.xc * self.xc).sum(1)
+        self.zn = self.xn if self.symmetric else (self.zc * self.zc).sum(1)
         ones_z = torch.ones_like(self.zn)
         self.z_aug = torch.cat([self.zc, self.zn[:, None], ones_z[:, None]], dim=1)
         s = sign * scale
@@ -176,6 +189,24 @@ class DistanceTiles:
             return None
         return NearPairs(zero[:, 0], zero[:, 1], out.new_zeros(zero.shape[0]))
 
+    def fill_block(self, rows: slice, cols: slice, out: torch.Tensor, strip: int, finish) -> Optional[NearPairs]:
+        """``fill`` for a large (rows, cols) block, ``strip`` rows at a time, calling ``finish(strip_view)`` on each
+        strip while it is still in cache (the elementwise kernel or weight pass). Near pairs come back with row
+        indices local to the block."""
+        found = []
+        for start in range(rows.start, rows.stop, strip):
+            part = slice(start, min(rows.stop, start + strip))
+            view = out[part.start - rows.start:part.stop - rows.start]
+            near = self.fill(part, cols, view)
+            finish(view)
+            if near is not None:
+                found.append(near._replace(rows=near.rows + (part.start - rows.start)))
+        if not found:
+            return None
+        if len(found) == 1:
+            return found[0]
+        return NearPairs(*(torch.cat(parts) for parts in zip(*found)))
+
 
 @dataclass
 class TilePlan:
@@ -198,6 +229,60 @@ PREFERRED_ROWS = 256
 PREFERRED_COLS = 2048
 PREFERRED_GPU_ROWS = 4096
 PREFERRED_GPU_COLS = 8192
+
+
+@dataclass
+class SymmetricPlan:
+    """Schedule for z equal to x: square blocks of ``block`` points, and groups of ``group`` blocks whose
+    accumulators are held at once. Within a group each unordered pair of blocks is computed once and used twice
+    (tile W_IJ feeds rows I, and its transpose feeds rows J), so distances and the elementwise work are halved
+    when everything fits in one group; pairs across groups are computed once from each side."""
+
+    block: int
+    group: int
+
+    def blocks(self, n: int) -> list:
+        return [slice(s, min(n, s + self.block)) for s in range(0, n, self.block)]
+
+    def groups(self, count: int):
+        for start in range(0, count, self.group):
+            yield range(start, min(count, start + self.group))
+
+    @staticmethod
+    def pairs(group: range, count: int):
+        """(I, J, mirrored) for the row blocks I of ``group`` against every column block J: a pair of blocks of
+        the group appears once (I <= J), with ``mirrored`` when its transpose must also be applied (I < J)."""
+        for J in range(count):
+            inside = J in group
+            for I in group:
+                if inside and I > J:
+                    continue
+                yield I, J, inside and I < J
+
+
+# Square blocks of the symmetric schedule: 1024 keeps both of its GEMMs (W V and W^T V) near the machine's GEMM
+# rate on CPU while the elementwise work runs in strips of PREFERRED_ROWS rows that stay in cache.
+SYMMETRIC_BLOCK = 1024
+SYMMETRIC_GPU_BLOCK = 4096
+
+
+def plan_symmetric(n: int, itemsize: int, budget: int, *, row_bytes: int, block_bytes: int,
+                   device: Optional[torch.device] = None) -> Optional[SymmetricPlan]:
+    """The largest block (from the preferred size down to 64) whose fixed buffers (one block x block tile,
+    ``block_bytes`` per unit of block size) plus one block of accumulator rows (``row_bytes`` each) fit in the
+    budget, and as many blocks per group as the rest allows; None when even the smallest does not fit."""
+    gpu = device is not None and device.type != "cpu"
+    block = min(n, SYMMETRIC_GPU_BLOCK if gpu else SYMMETRIC_BLOCK)
+    while block >= min(n, 64):
+        fixed = block * block * itemsize + block * block_bytes
+        left = budget - fixed
+        if left >= block * row_bytes:
+            group = max(1, left // max(1, block * row_bytes))
+            return SymmetricPlan(block=block, group=int(group))
+        if block <= 64:
+            break
+        block //= 2
+    return None
 
 
 def plan_tiles(m: int, n: int, itemsize: int, budget: int, *, tile_buffers: int, row_bytes: int,

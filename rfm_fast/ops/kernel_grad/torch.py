@@ -23,7 +23,8 @@ from typing import Iterator, Optional
 
 import torch
 
-from ..common import RECHECK_CHUNK_ELEMS, DistanceTiles, NearPairs, apply_metric, metric_sqrt, plan_tiles
+from ..common import (PREFERRED_GPU_ROWS, PREFERRED_ROWS, RECHECK_CHUNK_ELEMS, DistanceTiles, NearPairs, apply_metric,
+                      metric_sqrt, plan_symmetric, plan_tiles)
 
 
 def _laplace_weights_(tile: torch.Tensor, scratch: torch.Tensor) -> None:
@@ -62,8 +63,9 @@ def _stacked_coefficients(alpha: torch.Tensor, xc: torch.Tensor) -> torch.Tensor
 
 
 def _add_near_field(J: torch.Tensor, near: NearPairs, z: torch.Tensor, x: torch.Tensor, alpha: torch.Tensor,
-                    S: Optional[torch.Tensor], kernel: str) -> None:
-    """J[j] += w_ji alpha_i (x) ((z_j - x_i) S) for the near pairs of one tile (z, x, alpha already sliced)."""
+                    S: Optional[torch.Tensor], kernel: str, sign: float = 1.0) -> None:
+    """J[j] += sign * w_ji alpha_i (x) ((z_j - x_i) S) for the near pairs of one tile (z, x, alpha already
+    sliced)."""
     keep = near.scaled_sq > 0
     if not bool(keep.any()):
         return
@@ -75,7 +77,7 @@ def _add_near_field(J: torch.Tensor, near: NearPairs, z: torch.Tensor, x: torch.
         part = slice(start, start + step)
         diff = apply_metric(z[r_idx[part]] - x[c_idx[part]], S)
         contrib = (w[part, None] * alpha[c_idx[part]])[:, :, None] * diff[:, None, :]
-        J.index_add_(0, r_idx[part], contrib)
+        J.index_add_(0, r_idx[part], contrib, alpha=sign)
 
 
 def gradient_tiles(z: torch.Tensor, x: torch.Tensor, alpha: torch.Tensor, M: Optional[torch.Tensor],
@@ -94,6 +96,11 @@ def gradient_tiles(z: torch.Tensor, x: torch.Tensor, alpha: torch.Tensor, M: Opt
         return
     item = z.element_size()
     width = c + c * d
+    if tiles.symmetric:
+        plan = _symmetric_plan(n, c, d, item, memory_budget, kernel, z.device)
+        if plan is not None:
+            yield from _symmetric_gradient_tiles(z, alpha, S, kernel, tiles, plan, memory_budget)
+            return
     whole_v = n * width * item <= memory_budget // 2
     coeffs = _stacked_coefficients(alpha, tiles.xc) if whole_v else None
     budget = memory_budget - (n * width * item if whole_v else 0)
@@ -127,6 +134,74 @@ def gradient_tiles(z: torch.Tensor, x: torch.Tensor, alpha: torch.Tensor, M: Opt
         if near_acc is not None:
             J.add_(near_acc)
         yield rows, J, S
+
+
+def _symmetric_plan(n, c, d, item, memory_budget, kernel, device):
+    """Budget split for the symmetric schedule: [alpha | V] whole when it fits in half the budget (else two
+    block-sized slices of it), per block one tile, a Laplace scratch strip and the gradient output buffer; the
+    rest holds the group's (rows, c + c d) accumulator."""
+    width = c + c * d
+    whole_v = n * width * item <= memory_budget // 2
+    budget = memory_budget - (n * width * item if whole_v else 0)
+    block_bytes = (PREFERRED_ROWS * item if kernel == "laplace" else 0) + c * d * item \
+        + (0 if whole_v else 2 * width * item)
+    return plan_symmetric(n, item, budget, row_bytes=width * item, block_bytes=block_bytes, device=device)
+
+
+def _symmetric_gradient_tiles(z, alpha, S, kernel, tiles, plan, memory_budget):
+    """gradient_tiles for z equal to x (see SymmetricPlan): the accumulator [W alpha | W V] of a group of blocks
+    is held at once, so a tile between two blocks of the group is computed once and applied twice,
+        acc_I += W_IJ [alpha | V]_J   and   acc_J += W_IJ^T [alpha | V]_I,
+    halving the distance GEMMs and the elementwise passes. Near pairs are zeroed in the tile and their exact
+    contributions subtracted from the V part of the accumulator (G = (W alpha) z^T - W V + near field), for both
+    uses of the tile. A group's gradients are yielded block by block once all its column blocks are done."""
+    n, d, c = z.shape[0], z.shape[1], alpha.shape[1]
+    item = z.element_size()
+    width = c + c * d
+    blocks = plan.blocks(n)
+    whole_v = n * width * item <= memory_budget // 2
+    coeffs = _stacked_coefficients(alpha, tiles.xc) if whole_v else None
+
+    def rhs(block: slice) -> torch.Tensor:
+        return coeffs[block] if whole_v else _stacked_coefficients(alpha[block], tiles.xc[block])
+
+    B = plan.block
+    strip = min(B, PREFERRED_GPU_ROWS if z.device.type != "cpu" else PREFERRED_ROWS)
+    tile_buf = torch.empty(B * B, dtype=z.dtype, device=z.device)
+    scratch_buf = torch.empty(strip * B, dtype=z.dtype, device=z.device) if kernel == "laplace" else None
+    acc_buf = torch.empty(min(n, plan.group * B), width, dtype=z.dtype, device=z.device)
+    grad_buf = torch.empty(B, c, d, dtype=z.dtype, device=z.device)
+
+    def finish(view: torch.Tensor) -> None:
+        scratch = None if scratch_buf is None else scratch_buf[:view.numel()].view_as(view)
+        _weights_(view, kernel, scratch)
+
+    for group in plan.groups(len(blocks)):
+        g0 = blocks[group[0]].start
+        acc = acc_buf[:blocks[group[-1]].stop - g0].zero_()
+        near_v = acc[:, c:].view(-1, c, d)  # near-field contributions are subtracted here
+        for I, J, mirrored in plan.pairs(group, len(blocks)):
+            rows, cols = blocks[I], blocks[J]
+            local_r = slice(rows.start - g0, rows.stop - g0)
+            tile = tile_buf[:(rows.stop - rows.start) * (cols.stop - cols.start)].view(rows.stop - rows.start, -1)
+            near = tiles.fill_block(rows, cols, tile, strip, finish)
+            if near is not None:
+                tile[near.rows, near.cols] = 0
+                _add_near_field(near_v[local_r], near, z[rows], z[cols], alpha[cols], S, kernel, sign=-1.0)
+            acc[local_r].addmm_(tile, rhs(cols))
+            if mirrored:
+                local_c = slice(cols.start - g0, cols.stop - g0)
+                if near is not None:
+                    flipped = NearPairs(near.cols, near.rows, near.scaled_sq)
+                    _add_near_field(near_v[local_c], flipped, z[cols], z[rows], alpha[rows], S, kernel, sign=-1.0)
+                acc[local_c].addmm_(tile.T, rhs(rows))
+        for I in group:
+            rows = blocks[I]
+            nr = rows.stop - rows.start
+            part = acc[rows.start - g0:rows.stop - g0]
+            J = torch.mul(part[:, :c, None], tiles.zc[rows, None, :], out=grad_buf[:nr])
+            J.sub_(part[:, c:].view(nr, c, d))
+            yield rows, J, S
 
 
 def _direct_gradient_tiles(z, x, alpha, M, kernel, tiles, memory_budget):
