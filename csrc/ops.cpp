@@ -12,6 +12,8 @@
 //   kernel_grad -> (m, c, d): G_j = sum_i w_ji alpha_i (x) (zc_j - xc_i), the Euclidean gradient up to -1/L^2
 //                             (laplace w = e^{-r'}/r', r' = r/L, 0 at r = 0; gaussian w = e^{-r^2/(2L^2)})
 //   agop        -> (sum_j G_j^T G_j (d, d), sum_j G_j (c, d)), both float64
+//   gradient_weights_ (CPU) -> in place on a tile holding sign * scale * ||zc_j - xc_i||^2: the gradient weights
+//                             above, near pairs (the rtol test) set to 0 and returned as (k, 2) int64 (row, col)
 // `coeffs` (optional) is V = [alpha | alpha (x) xc] (n, c + c d), built once by the caller when it fits its
 // memory budget; without it each tile builds its slice.
 #include <Python.h>
@@ -27,6 +29,8 @@ TORCH_LIBRARY(rfm_fast, m) {
   m.def(
       "agop(Tensor zc, Tensor xc, Tensor alpha, Tensor? coeffs, Tensor z, Tensor x, Tensor? S, str kernel, "
       "float scale, float rtol, bool direct, int tile_rows, int tile_cols) -> (Tensor, Tensor)");
+  m.def("gradient_weights_(Tensor(a!) tile, Tensor zn, Tensor xn, str kernel, float sign, float scale, float rtol) "
+        "-> Tensor");
 }
 
 // An importable module (rfm_fast._C) whose loading runs the registrations above; it exposes nothing itself.

@@ -220,3 +220,64 @@ def test_explicit_request_without_the_extension_raises_the_build_hint(monkeypatc
     assert _dispatch.choose("agop", problem, "auto").name != "cpp"
     with pytest.raises(RuntimeError, match="not built"):
         _ext.load()
+
+
+@needs_ext
+@pytest.mark.parametrize("kernel", KERNELS)
+@pytest.mark.parametrize("form", M_FORMS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("centered", [False, True])
+def test_cpp_agop_symmetric_schedule_with_fused_weights(monkeypatch, kernel, form, dtype, centered):
+    """agop(x, x) on the cpp backend takes the symmetric schedule with the compiled one-pass weights
+    (gradient_weights_): small blocks make mirrored tiles; duplicates and a near pair sit in different blocks."""
+    from rfm_fast.ops import common
+
+    monkeypatch.setattr(common, "SYMMETRIC_BLOCK", 64)
+    calls = []
+    original = torch.ops.rfm_fast.gradient_weights_
+
+    class Spy:
+        def __call__(self, *args):
+            calls.append(args[0].shape)
+            return original(*args)
+
+    monkeypatch.setattr(torch.ops.rfm_fast, "gradient_weights_", Spy())
+    gen = _seed("sym", kernel, form, str(dtype), centered)
+    n, d, c = 300, 21, 3
+    X = torch.randn(n, d, generator=gen, dtype=torch.float64)
+    X[250] = X[4]
+    X[190] = X[9] + 1e-3 * torch.randn(d, generator=gen, dtype=torch.float64)
+    X = X.to(dtype)
+    alpha = torch.randn(n, c, generator=gen, dtype=torch.float64).to(dtype)
+    M = make_metric(form, d, gen)
+    M = None if M is None else M.to(dtype)
+    out = rfm_fast.agop(X, X, alpha, kernel=kernel, bandwidth=2.0, M=M, centered=centered, backend="cpp")
+    assert calls, "the symmetric schedule with the compiled weights was not taken"
+    ref = reference("agop", X, X, alpha, M, kernel, 2.0, centered=centered)
+    assert rel_fro(out, ref) <= REL_FRO[dtype]
+
+
+@needs_ext
+@pytest.mark.parametrize("kernel", KERNELS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_gradient_weights_op_matches_the_torch_passes(kernel, dtype):
+    """The compiled one-pass weights against the torch path's passes on a strip, near pairs zeroed and listed."""
+    from rfm_fast.ops.kernel_grad.torch import _weights_
+
+    gen = _seed("weights", kernel, str(dtype))
+    R, C = 37, 130
+    s = (torch.rand(R, C, generator=gen, dtype=torch.float64) * 30 + 0.5).to(dtype)  # far from the near bound
+    s[3, 5] = 0.0
+    s[7, 11] = 1e-9
+    zn = torch.ones(R, dtype=dtype)
+    xn = torch.ones(C, dtype=dtype)
+    sign = 1.0 if kernel == "laplace" else -1.0
+    tile = (sign * s).contiguous()
+    near = torch.ops.rfm_fast.gradient_weights_(tile, zn, xn, kernel, sign, 1.0, 2.0**-8)
+    assert sorted(map(tuple, near.tolist())) == [(3, 5), (7, 11)]
+    expected = (sign * s).clone()
+    _weights_(expected, kernel, torch.empty_like(expected))
+    expected[3, 5] = 0
+    expected[7, 11] = 0
+    tol = 1e-6 if dtype == torch.float32 else 1e-13
+    assert torch.allclose(tile, expected, rtol=tol, atol=0)

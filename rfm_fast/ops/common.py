@@ -154,16 +154,25 @@ class DistanceTiles:
         local = torch.nonzero(sub <= row_bound if self.sign > 0 else sub >= -row_bound)
         if local.numel() == 0:
             return None
-        r_idx = suspect[local[:, 0]]
-        c_idx = local[:, 1]
+        near = self.exact_pairs(rows, cols, suspect[local[:, 0]], local[:, 1])
+        out[near.rows, near.cols] = self.sign * near.scaled_sq
+        return near
+
+    def raw_fill(self, rows: slice, cols: slice, out: torch.Tensor) -> None:
+        """The tile from the augmented GEMM alone (no near test): for callers that test and weigh in one fused
+        pass of their own (the compiled gradient_weights_ op)."""
+        torch.mm(self.z_aug[rows], self.x_aug_t[:, cols], out=out)
+
+    def exact_pairs(self, rows: slice, cols: slice, r_idx: torch.Tensor, c_idx: torch.Tensor) -> NearPairs:
+        """The pairs (r_idx, c_idx) of tile (rows, cols), local indices, with their exactly recomputed scaled
+        squared distances (0 for equal points)."""
         z, x = self.z[rows], self.x[cols]
-        exact = torch.empty(r_idx.shape[0], dtype=out.dtype, device=out.device)
+        exact = torch.empty(r_idx.shape[0], dtype=z.dtype, device=z.device)
         step = max(1, RECHECK_CHUNK_ELEMS // self.d)
         for start in range(0, r_idx.shape[0], step):
             part = slice(start, start + step)
             exact[part] = exact_sq_dist(z[r_idx[part]], x[c_idx[part]], self.M)
         exact.mul_(self.scale)
-        out[r_idx, c_idx] = self.sign * exact
         return NearPairs(r_idx, c_idx, exact)
 
     def _fill_direct(self, rows, cols, out):
@@ -189,16 +198,15 @@ class DistanceTiles:
             return None
         return NearPairs(zero[:, 0], zero[:, 1], out.new_zeros(zero.shape[0]))
 
-    def fill_block(self, rows: slice, cols: slice, out: torch.Tensor, strip: int, finish) -> Optional[NearPairs]:
-        """``fill`` for a large (rows, cols) block, ``strip`` rows at a time, calling ``finish(strip_view)`` on each
-        strip while it is still in cache (the elementwise kernel or weight pass). Near pairs come back with row
-        indices local to the block."""
+    def fill_block(self, rows: slice, cols: slice, out: torch.Tensor, strip: int, fill_strip) -> Optional[NearPairs]:
+        """A large (rows, cols) block, ``strip`` rows at a time: ``fill_strip(part, cols, view)`` fills one strip
+        and finishes it while it is still in cache (the elementwise kernel or weight pass), returning its near
+        pairs. Near pairs come back with row indices local to the block."""
         found = []
         for start in range(rows.start, rows.stop, strip):
             part = slice(start, min(rows.stop, start + strip))
             view = out[part.start - rows.start:part.stop - rows.start]
-            near = self.fill(part, cols, view)
-            finish(view)
+            near = fill_strip(part, cols, view)
             if near is not None:
                 found.append(near._replace(rows=near.rows + (part.start - rows.start)))
         if not found:

@@ -17,13 +17,13 @@ from ..kernel_grad.torch import gradient_tiles
 
 
 def agop(z: torch.Tensor, x: torch.Tensor, alpha: torch.Tensor, M: Optional[torch.Tensor], kernel: str,
-         bandwidth: float, centered: bool, diag: bool, memory_budget: int) -> torch.Tensor:
-    """z (m, d), x (n, d), alpha (n, c) -> AGOP (d, d), or its diagonal (d,)."""
+         bandwidth: float, centered: bool, diag: bool, memory_budget: int, fused: bool = False) -> torch.Tensor:
+    """z (m, d), x (n, d), alpha (n, c) -> AGOP (d, d), or its diagonal (d,). ``fused``: see gradient_tiles."""
     m, d, c = z.shape[0], z.shape[1], alpha.shape[1]
     total = torch.zeros(d, d, dtype=torch.float64, device=z.device)
     mean = torch.zeros(c, d, dtype=torch.float64, device=z.device) if centered else None
     P = None
-    for rows, J, P in gradient_tiles(z, x, alpha, M, kernel, bandwidth, memory_budget):
+    for rows, J, P in gradient_tiles(z, x, alpha, M, kernel, bandwidth, memory_budget, fused):
         flat = J.reshape(-1, d)
         total += (flat.T @ flat).double()
         if centered:

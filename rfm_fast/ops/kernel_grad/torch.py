@@ -81,10 +81,13 @@ def _add_near_field(J: torch.Tensor, near: NearPairs, z: torch.Tensor, x: torch.
 
 
 def gradient_tiles(z: torch.Tensor, x: torch.Tensor, alpha: torch.Tensor, M: Optional[torch.Tensor],
-                   kernel: str, bandwidth: float, memory_budget: int
+                   kernel: str, bandwidth: float, memory_budget: int, fused: bool = False
                    ) -> Iterator[tuple[slice, torch.Tensor, Optional[torch.Tensor]]]:
     """Yield (rows, J_raw, P) per block of evaluation points, with J = -(1/L^2) J_raw P: P = S = M^{1/2} in GEMM
-    mode, P = M in direct mode (None for the identity). J_raw (rows, c, d) is a reused buffer."""
+    mode, P = M in direct mode (None for the identity). J_raw (rows, c, d) is a reused buffer.
+
+    ``fused``: on the symmetric schedule, weigh each strip with the compiled one-pass op
+    ``torch.ops.rfm_fast.gradient_weights_`` (the cpp backend) instead of the torch passes."""
     m, n, d, c = z.shape[0], x.shape[0], z.shape[1], alpha.shape[1]
     S = metric_sqrt(M, z.dtype)
     if kernel == "laplace":
@@ -99,7 +102,7 @@ def gradient_tiles(z: torch.Tensor, x: torch.Tensor, alpha: torch.Tensor, M: Opt
     if tiles.symmetric:
         plan = _symmetric_plan(n, c, d, item, memory_budget, kernel, z.device)
         if plan is not None:
-            yield from _symmetric_gradient_tiles(z, alpha, S, kernel, tiles, plan, memory_budget)
+            yield from _symmetric_gradient_tiles(z, alpha, S, kernel, tiles, plan, memory_budget, fused)
             return
     whole_v = n * width * item <= memory_budget // 2
     coeffs = _stacked_coefficients(alpha, tiles.xc) if whole_v else None
@@ -148,7 +151,18 @@ def _symmetric_plan(n, c, d, item, memory_budget, kernel, device):
     return plan_symmetric(n, item, budget, row_bytes=width * item, block_bytes=block_bytes, device=device)
 
 
-def _symmetric_gradient_tiles(z, alpha, S, kernel, tiles, plan, memory_budget):
+def symmetric_plan_for(z: torch.Tensor, x: torch.Tensor, alpha: torch.Tensor, memory_budget: int, kernel: str):
+    """The symmetric schedule gradient_tiles would take for these inputs, or None (z not equal to x, small d
+    where distances are formed directly, or a budget too small)."""
+    from ..common import DIRECT_DISTANCE_MAX_D, same_points
+
+    d, c = z.shape[1], alpha.shape[1]
+    if d <= DIRECT_DISTANCE_MAX_D or not same_points(z, x):
+        return None
+    return _symmetric_plan(x.shape[0], c, d, z.element_size(), memory_budget, kernel, z.device)
+
+
+def _symmetric_gradient_tiles(z, alpha, S, kernel, tiles, plan, memory_budget, fused=False):
     """gradient_tiles for z equal to x (see SymmetricPlan): the accumulator [W alpha | W V] of a group of blocks
     is held at once, so a tile between two blocks of the group is computed once and applied twice,
         acc_I += W_IJ [alpha | V]_J   and   acc_J += W_IJ^T [alpha | V]_I,
@@ -168,13 +182,20 @@ def _symmetric_gradient_tiles(z, alpha, S, kernel, tiles, plan, memory_budget):
     B = plan.block
     strip = min(B, PREFERRED_GPU_ROWS if z.device.type != "cpu" else PREFERRED_ROWS)
     tile_buf = torch.empty(B * B, dtype=z.dtype, device=z.device)
-    scratch_buf = torch.empty(strip * B, dtype=z.dtype, device=z.device) if kernel == "laplace" else None
+    scratch_buf = torch.empty(strip * B, dtype=z.dtype, device=z.device) if kernel == "laplace" and not fused \
+        else None
     acc_buf = torch.empty(min(n, plan.group * B), width, dtype=z.dtype, device=z.device)
     grad_buf = torch.empty(B, c, d, dtype=z.dtype, device=z.device)
 
-    def finish(view: torch.Tensor) -> None:
-        scratch = None if scratch_buf is None else scratch_buf[:view.numel()].view_as(view)
-        _weights_(view, kernel, scratch)
+    def fill_strip(part: slice, cols: slice, view: torch.Tensor) -> Optional[NearPairs]:
+        if fused:
+            tiles.raw_fill(part, cols, view)
+            idx = torch.ops.rfm_fast.gradient_weights_(view, tiles.zn[part], tiles.xn[cols], kernel, tiles.sign,
+                                                       tiles.scale, tiles.rtol)
+            return None if idx.shape[0] == 0 else tiles.exact_pairs(part, cols, idx[:, 0], idx[:, 1])
+        near = tiles.fill(part, cols, view)
+        _weights_(view, kernel, None if scratch_buf is None else scratch_buf[:view.numel()].view_as(view))
+        return near
 
     for group in plan.groups(len(blocks)):
         g0 = blocks[group[0]].start
@@ -184,7 +205,7 @@ def _symmetric_gradient_tiles(z, alpha, S, kernel, tiles, plan, memory_budget):
             rows, cols = blocks[I], blocks[J]
             local_r = slice(rows.start - g0, rows.stop - g0)
             tile = tile_buf[:(rows.stop - rows.start) * (cols.stop - cols.start)].view(rows.stop - rows.start, -1)
-            near = tiles.fill_block(rows, cols, tile, strip, finish)
+            near = tiles.fill_block(rows, cols, tile, strip, fill_strip)
             if near is not None:
                 tile[near.rows, near.cols] = 0
                 _add_near_field(near_v[local_r], near, z[rows], z[cols], alpha[cols], S, kernel, sign=-1.0)
