@@ -18,7 +18,7 @@ import rfm_fast
 from rfm_fast import _dispatch, _ext
 from rfm_fast._validation import prepare
 
-from .test_ops import KERNELS, M_FORMS, call, make_data, make_metric, reference
+from .test_ops import KERNELS, M_FORMS, call, make_data, make_metric, make_spread_data, reference
 from .tolerances import REL_FRO, rel_fro
 
 if os.environ.get("RFM_FAST_EXT_JIT") == "1" and _ext.unavailable_reason() is not None:
@@ -242,15 +242,7 @@ def test_cpp_agop_symmetric_schedule_with_fused_weights(monkeypatch, kernel, for
             return original(*args)
 
     monkeypatch.setattr(torch.ops.rfm_fast, "gradient_weights_", Spy())
-    gen = _seed("sym", kernel, form, str(dtype), centered)
-    n, d, c = 300, 21, 3
-    X = torch.randn(n, d, generator=gen, dtype=torch.float64)
-    X[250] = X[4]
-    X[190] = X[9] + 1e-3 * torch.randn(d, generator=gen, dtype=torch.float64)
-    X = X.to(dtype)
-    alpha = torch.randn(n, c, generator=gen, dtype=torch.float64).to(dtype)
-    M = make_metric(form, d, gen)
-    M = None if M is None else M.to(dtype)
+    X, alpha, M = make_spread_data(300, 21, 3, form, dtype, _seed("sym", kernel, form, str(dtype), centered))
     out = rfm_fast.agop(X, X, alpha, kernel=kernel, bandwidth=2.0, M=M, centered=centered, backend="cpp")
     assert calls, "the symmetric schedule with the compiled weights was not taken"
     ref = reference("agop", X, X, alpha, M, kernel, 2.0, centered=centered)

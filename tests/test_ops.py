@@ -45,6 +45,17 @@ def make_data(m: int, n: int, d: int, c: int, gen: torch.Generator, *, self_pair
     return Z, X, alpha
 
 
+def make_spread_data(n: int, d: int, c: int, form: str, dtype: torch.dtype, gen: torch.Generator):
+    """Points to be used as both evaluation points and centres, with a duplicate and a near pair whose members
+    lie far apart in the row order (different blocks of a tiled schedule), coefficients and a metric."""
+    X = torch.randn(n, d, generator=gen, dtype=torch.float64)
+    X[2 * n // 3] = X[2]
+    X[n - 49] = X[n // 6] + 1e-3 * torch.randn(d, generator=gen, dtype=torch.float64)
+    alpha = torch.randn(n, c, generator=gen, dtype=torch.float64)
+    M = make_metric(form, d, gen)
+    return X.to(dtype), alpha.to(dtype), None if M is None else M.to(dtype)
+
+
 def reference(op: str, Z, X, alpha, M, kernel, bandwidth, **kw):
     """The naive op in float64 on the float64 copies of the (possibly rounded) inputs."""
     args = [t.double() for t in (Z, X)]
@@ -182,15 +193,7 @@ def test_symmetric_schedule_x_is_centers(monkeypatch, kernel, op, form, dtype, g
 
     monkeypatch.setattr(grad_torch, "plan_symmetric", capped)
     monkeypatch.setattr(mv_torch, "plan_symmetric", capped)
-    gen = torch.Generator().manual_seed(23)
-    n, d, c = 450, 19, 3
-    X = torch.randn(n, d, generator=gen, dtype=torch.float64)
-    X[300] = X[2]
-    X[401] = X[70] + 1e-3 * torch.randn(d, generator=gen, dtype=torch.float64)
-    X = X.to(dtype)
-    alpha = torch.randn(n, c, generator=gen, dtype=torch.float64).to(dtype)
-    M = make_metric(form, d, gen)
-    M = None if M is None else M.to(dtype)
+    X, alpha, M = make_spread_data(450, 19, 3, form, dtype, torch.Generator().manual_seed(23))
     out = call(op, X, X.clone(), alpha, M, kernel, 2.5)
     assert len(plans) == 1 and plans[0].block == 64
     ref = reference(op, X, X, alpha, M, kernel, 2.5)

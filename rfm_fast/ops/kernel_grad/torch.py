@@ -146,7 +146,8 @@ def _symmetric_plan(n, c, d, item, memory_budget, kernel, device):
     width = c + c * d
     whole_v = n * width * item <= memory_budget // 2
     budget = memory_budget - (n * width * item if whole_v else 0)
-    block_bytes = (PREFERRED_ROWS * item if kernel == "laplace" else 0) + c * d * item \
+    strip_rows = PREFERRED_GPU_ROWS if device.type != "cpu" else PREFERRED_ROWS  # Laplace scratch: one strip
+    block_bytes = (strip_rows * item if kernel == "laplace" else 0) + c * d * item \
         + (0 if whole_v else 2 * width * item)
     return plan_symmetric(n, item, budget, row_bytes=width * item, block_bytes=block_bytes, device=device)
 
