@@ -161,7 +161,12 @@ def run_deep_rfm(args: argparse.Namespace) -> int:
         print(f"\n{label}: {run['seconds']:.1f} s, {accuracy}")
         print(format_table(run["metrics"]))
         first, last = run["metrics"][0]["nc1_input"], run["metrics"][-1]["nc1_features"]
-        ratio = f" ({first / last:.1f}x lower)" if last > 0 else ""
+        if last > 0 and first >= last:
+            ratio = f" ({first / last:.1f}x lower)"
+        elif last > 0:
+            ratio = f" ({last / first:.1f}x higher)"
+        else:
+            ratio = ""
         print(f"NC1 layer-1 input -> layer-{len(run['metrics'])} features: {first:.3e} -> {last:.3e}{ratio}")
     if args.out is not None:
         config = {k: v for k, v in vars(args).items() if k != "func"}
