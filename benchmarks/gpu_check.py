@@ -1,6 +1,6 @@
 """One GPU check of the triton backend: correctness against float64, then one speed/memory table.
 
-    python benchmarks/gpu_check.py --out benchmarks/results/gpu_h200.md      # on a CUDA machine, ~5 minutes
+    python benchmarks/gpu_check.py --build-ext --out benchmarks/results/gpu_h200.md   # on a CUDA machine, ~6 min
     python benchmarks/gpu_check.py --cpu-interpret --out /tmp/dry.md          # plumbing only, tiny, on CPU
 
 Needs only torch, triton and numpy; rfm_fast is imported from this checkout (no install).
@@ -43,6 +43,10 @@ def parse_args(argv=None):
                    help="run the plumbing on CPU under TRITON_INTERPRET=1 at tiny sizes")
     p.add_argument("--budget-s", type=float, default=270.0, help="stop starting new cases after this many s")
     p.add_argument("--memory-budget", default="8GB", help="memory_budget passed to the streaming backends")
+    p.add_argument("--build-ext", action="store_true",
+                   help="first compile csrc/ in place with its CUDA kernels (rfm_fast._ext.build_inplace; needs nvcc "
+                        "and CUDA_HOME, default /usr/local/cuda when it exists), so the 'cuda' backend is checked "
+                        "and timed too")
     return p.parse_args(argv)
 
 
@@ -136,6 +140,31 @@ def call(op, Z, X, alpha, M, kernel, L, backend, **kw):
     f = getattr(rfm_fast, op)
     args = (Z, X) if op == "kernel_matrix" else (Z, X, alpha)
     return f(*args, kernel=kernel, bandwidth=L, M=M, backend=backend, **kw)
+
+
+def build_extension() -> None:
+    """Compile the csrc/ extension in place (CUDA kernels included) and record the outcome as a check line."""
+    from rfm_fast import _ext
+
+    if DEVICE == "cuda" and not os.environ.get("CUDA_HOME") and os.path.isdir("/usr/local/cuda"):
+        os.environ["CUDA_HOME"] = "/usr/local/cuda"
+    log(f"== building csrc/ (CUDA_HOME={os.environ.get('CUDA_HOME')}) ==")
+    t = time.perf_counter()
+    try:
+        _ext._state.update(loaded=False, error=None)
+        _ext.build_inplace(verbose=False, cuda=DEVICE == "cuda")
+        line = f"csrc build: ok in {time.perf_counter() - t:.0f}s; CUDA kernels: {_ext.has_cuda_kernels()}"
+    except Exception as exc:  # noqa: BLE001 - the rest of the check must still run
+        line = f"csrc build: FAIL after {time.perf_counter() - t:.0f}s: {exc!r}"[:400]
+        traceback.print_exc()
+    CHECKS.append(line)
+    log(line)
+
+
+def cuda_backend_ready() -> bool:
+    from rfm_fast import _ext
+
+    return DEVICE == "cuda" and _ext.unavailable_reason() is None and _ext.has_cuda_kernels()
 
 
 def correctness() -> None:
@@ -288,6 +317,19 @@ def run_case(section, n, m, d, c, *, torch_path=True, regimes=None, mv=False, pr
                 record(section, "agop", n, m, d, c, "torch", "-", t, peak, floors, note)
             except Exception as exc:  # noqa: BLE001
                 record(section, "agop", n, m, d, c, "torch", "-", None, None, floors, f"error: {exc!r}"[:200])
+    if cuda_backend_ready():
+        est = flops / (floors[1] * 1e12)
+        if est * 3 > remaining():
+            record(section, "agop", n, m, d, c, "cuda (csrc)", "-", None, None, floors, "skipped: time budget")
+        else:
+            try:
+                t, peak, out = measure(lambda: rfm_fast.agop(Z, X, alpha, bandwidth=L, backend="cuda",
+                                                             memory_budget=budget))
+                note = "" if reference is None else f"rel. diff vs first row {rel_fro(out, reference):.1e}"
+                record(section, "agop", n, m, d, c, "cuda (csrc)", "-", t, peak, floors, note)
+            except Exception as exc:  # noqa: BLE001
+                record(section, "agop", n, m, d, c, "cuda (csrc)", "-", None, None, floors,
+                       f"error: {exc!r}"[:200])
     if mv:
         for impl in ("triton", "torch"):
             try:
@@ -379,6 +421,8 @@ def main() -> int:
     log(f"device {DEVICE}; budget {ARGS.budget_s:.0f}s")
     torch.manual_seed(0)
     try:
+        if ARGS.build_ext:
+            build_extension()
         correctness()
         if ARGS.cpu:
             grid = [(256, 256, 16, 1), (256, 256, 16, 3)]

@@ -3,7 +3,8 @@
 Every KeOps formula compiles once per (formula, dtype, d, c), ~5-10 s each on first use (then cached under
 $KEOPS_CACHE_FOLDER, see conftest.py). Both kernels and all M forms share one formula per op, and m, n are free,
 so the tests vary data, sizes, kernels and metrics freely but use only two (d, c) pairs: (3, 2) and (17, 1), the
-latter through a 1-D alpha. Total: 2 formulas x 2 (d, c) x 2 dtypes = 8 compiles.
+latter through a 1-D alpha. float32 with a metric uses the compensated variant of each formula. Total:
+2 formulas x 2 (d, c) x (2 dtypes + the compensated float32) = 12 compiles.
 """
 
 from __future__ import annotations
@@ -99,6 +100,23 @@ def test_x_is_centers_with_duplicates(kernel, form, dtype):
         out = _run(op, X, X, alpha, M, kernel, 2.5, "keops")
         ref = _ref(op, X, X, alpha, M, kernel, 2.5)
         assert rel_fro(out, ref) <= REL_FRO[dtype], op
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+@pytest.mark.parametrize("form", ["diag", "dense"])
+def test_near_pairs_with_a_metric_fp32(kernel, form):
+    """Evaluation points 1e-4 away from centres, float32, with a metric: the transformed points carry float32 low
+    parts so z' - x' keeps its digits (rounding z S and x S apart cost 5e-5 relative here before)."""
+    gen = torch.Generator().manual_seed(8)
+    X = torch.randn(400, 17, generator=gen, dtype=torch.float64)
+    Z = X[:120] + 1e-4 * torch.randn(120, 17, generator=gen, dtype=torch.float64)
+    alpha = torch.randn(400, generator=gen, dtype=torch.float64)
+    M = make_metric(form, 17, gen)
+    Z, X, alpha, M = (t.to(torch.float32) for t in (Z, X, alpha, M))
+    for op in OPS:
+        out = _run(op, Z, X, alpha, M, kernel, 1.5, "keops")
+        ref = _ref(op, Z, X, alpha, M, kernel, 1.5)
+        assert rel_fro(out, ref) <= REL_FRO[torch.float32], op
 
 
 def test_laplace_gradient_zero_at_a_single_centre():

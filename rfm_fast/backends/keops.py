@@ -28,23 +28,36 @@ import functools
 import importlib.util
 import os
 import shutil
-from typing import Optional
+from typing import NamedTuple, Optional
 
-# s, k and w above, in KeOps' formula language; z, x are Vi(d) / Vj(d), p is Pm(2).
-_SQ = "SqDist(z, x)"
-_KERNEL = f"Exp(-(Elem(p, 0) * Sqrt({_SQ}) + Elem(p, 1) * {_SQ}))"
-_WEIGHT = f"((Elem(p, 0) * Rsqrt({_SQ}) + IntCst(2) * Elem(p, 1)) * {_KERNEL})"
 
-# kernel_mv: sum_i k_ji alpha_i, output c.
-MV_FORMULA = f"{_KERNEL} * a"
-# kernel_grad / agop: sum_i (w_ji alpha_i) (x) (z'_j - x'_i), output c * d (row-major c x d). Scaling alpha by w
-# before the tensor product costs c multiplications a pair instead of c * d, and was ~25% faster than
-# w * TensorProd(alpha, z - x) (2.7 s against 3.7 s, m = n = 2000, d = 64, c = 10). The differences are taken
-# directly, so near pairs lose no digits; a "weights once" form w * [alpha | alpha (x) x'] (J = (W alpha) z'^T -
-# W V) was no faster (2.9 s) and cancels catastrophically for near pairs.
-GRAD_FORMULA = f"TensorProd({_WEIGHT} * a, z - x)"
+def _formulas(diff: str, sq: str) -> dict[str, str]:
+    """s, k and w above in KeOps' formula language, for a difference expression ``diff`` and its squared norm
+    ``sq``; z, x are Vi(d) / Vj(d), a is Vj(c), p is Pm(2)."""
+    kernel = f"Exp(-(Elem(p, 0) * Sqrt({sq}) + Elem(p, 1) * {sq}))"
+    weight = f"((Elem(p, 0) * Rsqrt({sq}) + IntCst(2) * Elem(p, 1)) * {kernel})"
+    return {
+        # kernel_mv: sum_i k_ji alpha_i, output c.
+        "mv": f"{kernel} * a",
+        # kernel_grad / agop: sum_i (w_ji alpha_i) (x) (z'_j - x'_i), output c * d (row-major c x d). Scaling alpha
+        # by w before the tensor product costs c multiplications a pair instead of c * d, and was ~25% faster than
+        # w * TensorProd(alpha, z - x) (2.7 s against 3.7 s, m = n = 2000, d = 64, c = 10). The differences are
+        # taken directly, so near pairs lose no digits; a "weights once" form w * [alpha | alpha (x) x'] (J =
+        # (W alpha) z'^T - W V) was no faster (2.9 s) and cancels catastrophically for near pairs.
+        "grad": f"TensorProd({weight} * a, {diff})",
+    }
 
-_FORMULAS = {"mv": MV_FORMULA, "grad": GRAD_FORMULA}
+
+_FORMULAS = _formulas("z - x", "SqDist(z, x)")
+MV_FORMULA, GRAD_FORMULA = _FORMULAS["mv"], _FORMULAS["grad"]
+# Compensated coordinates (float32 with a metric): the transformed points come as hi + lo, two float32 arrays
+# whose sum is the float64 product z S to ~2^-48, and the difference is (z_hi - x_hi) + (z_lo - x_lo). Rounding
+# z S and x S separately to float32 leaves each off by ~2^-24 |z S|, which for a near pair (distance delta) is a
+# relative error ~2^-24 |z S| / delta in z' - x', and the Laplace term of such a pair has full size k / L
+# whatever delta is: measured 5e-5 relative AGOP error with neighbours at 1e-4 (d = 16, dense M), against 1e-5
+# required. The low parts cost 2 d more loads and adds a pair, small beside the c d of the gradient.
+_COMPENSATED_DIFF = "((z - x) + (zl - xl))"
+_FORMULAS_COMPENSATED = _formulas(_COMPENSATED_DIFF, f"SqNorm2({_COMPENSATED_DIFF})")
 
 # Where backend="auto" picks KeOps: (op, min(m, n) at least, d at most, c at most) per device type, from
 # benchmarks/results/keops_crossover.csv (`python benchmarks/bench_keops.py --sweep`: same-process medians against
@@ -116,15 +129,20 @@ def _import_genred():
     return Genred
 
 
-def genred(kind: str, d: int, c: int):
+def genred(kind: str, d: int, c: int, compensated: bool = False):
     """The (cached) KeOps reduction ``kind`` ("mv" or "grad") for dimension d and c outputs per point: a
-    callable (z' (m, d), x' (n, d), alpha (n, c), p (2,)) -> (m, c) or (m, c * d), summing over the centres."""
-    key = (kind, d, c)
+    callable (z' (m, d), x' (n, d), alpha (n, c), p (2,)[, z'_lo (m, d), x'_lo (n, d)]) -> (m, c) or
+    (m, c * d), summing over the centres; ``compensated`` takes the low parts of the points too."""
+    key = (kind, d, c, compensated)
     routine = _GENREDS.get(key)
     if routine is None:
         Genred = _import_genred()
         aliases = [f"z = Vi({d})", f"x = Vj({d})", f"a = Vj({c})", "p = Pm(2)"]
-        routine = Genred(_FORMULAS[kind], aliases, reduction_op="Sum", axis=1)
+        formulas = _FORMULAS
+        if compensated:
+            aliases += [f"zl = Vi({d})", f"xl = Vj({d})"]
+            formulas = _FORMULAS_COMPENSATED
+        routine = Genred(formulas[kind], aliases, reduction_op="Sum", axis=1)
         _GENREDS[key] = routine
     return routine
 
@@ -140,26 +158,46 @@ def kernel_params(kernel: str, bandwidth: float, like):
     return torch.tensor(values, dtype=like.dtype, device=like.device)
 
 
-def reduce(routine, z, x, alpha, p):
-    """Run a reduction on the device of the inputs (contiguous copies where needed)."""
+def reduce(routine, points: "EuclideanPoints", rows: slice, alpha, p):
+    """Run a reduction for the evaluation points ``rows`` on the device of the inputs (contiguous copies where
+    needed)."""
     import torch
 
-    args = [t.contiguous() for t in (z, x, alpha, p)]
+    parts = [points.z[rows], points.x, alpha, p]
+    if points.compensated:
+        parts += [points.z_lo[rows], points.x_lo]
+    args = [t.contiguous() for t in parts]
+    z = args[0]
     with torch.no_grad():
         if z.device.type == "cuda":
             return routine(*args, backend="GPU", device_id=z.device.index or 0)
         return routine(*args, backend="CPU")
 
 
-def euclidean_points(z, x, M):
-    """(z S, x S, S) with S = M^{1/2} in float64 (None, (d,) or (d, d); see rfm_fast/ops/common.py).
+class EuclideanPoints(NamedTuple):
+    """The points in Euclidean coordinates for the formulas: z' = z S, x' = x S (S = M^{1/2} in float64, None for
+    the identity), with float32 low parts z_lo, x_lo when ``compensated`` (see _COMPENSATED_DIFF)."""
+
+    z: "object"
+    x: "object"
+    S: "object"
+    z_lo: "object" = None
+    x_lo: "object" = None
+
+    @property
+    def compensated(self) -> bool:
+        return self.z_lo is not None
+
+
+def euclidean_points(z, x, M) -> EuclideanPoints:
+    """z S and x S for S = M^{1/2} (rfm_fast/ops/common.py), as hi + lo float32 pairs for float32 input.
 
     Equal rows of z and x must map to bit-equal rows, or a self pair gets a tiny nonzero distance and a full-size
-    Laplace gradient term (k (z - x) / (L r) has norm ~1/L however small r is). Scaling by a diagonal is exact
-    row by row. A dense S goes through a GEMM, and a GEMM does not promise one summation order for all its rows
-    (measured: MKL on an AMD EPYC gave equal float64 rows of one product different last bits, at d = 17). So the
-    distinct rows of z and x are found first (torch.unique), transformed once in float64 and rounded to the input
-    dtype, and gathered back: equal rows share one transformed row by construction.
+    Laplace gradient term (k (z - x) / (L r) has norm ~1/L however small r is). A dense S goes through a GEMM, and
+    a GEMM does not promise one summation order for all its rows (measured: MKL on an AMD EPYC gave equal float64
+    rows of one product different last bits, at d = 17). So the distinct rows of z and x are found first
+    (torch.unique), transformed once in float64, split into the input dtype (plus a float32 low part), and
+    gathered back: equal rows share one transformed row by construction. A diagonal S is applied row by row.
     """
     import torch
 
@@ -167,18 +205,20 @@ def euclidean_points(z, x, M):
 
     S = metric_sqrt(M, torch.float64)
     if S is None:
-        return z, x, None
+        return EuclideanPoints(z, x, None)
     same = _same_tensor(z, x)
-    if S.ndim == 1:
-        s = S.to(z.dtype)
-        zt = z * s
-        return zt, zt if same else x * s, S
     both = z if same else torch.cat([z, x])
-    distinct, inverse = torch.unique(both, dim=0, return_inverse=True)
-    transformed = (distinct.to(torch.float64) @ S).to(z.dtype)[inverse]
+    if S.ndim == 1:
+        wide = both.to(torch.float64) * S
+    else:
+        distinct, inverse = torch.unique(both, dim=0, return_inverse=True)
+        wide = (distinct.to(torch.float64) @ S)[inverse]
+    hi = wide.to(z.dtype)
+    lo = (wide - hi.to(torch.float64)).to(z.dtype) if z.dtype == torch.float32 else None
+    m = z.shape[0]
     if same:
-        return transformed, transformed, S
-    return transformed[: z.shape[0]], transformed[z.shape[0]:], S
+        return EuclideanPoints(hi, hi, S, lo, lo)
+    return EuclideanPoints(hi[:m], hi[m:], S, None if lo is None else lo[:m], None if lo is None else lo[m:])
 
 
 def _same_tensor(a, b) -> bool:

@@ -22,16 +22,15 @@ def raw_gradient_blocks(z: torch.Tensor, x: torch.Tensor, alpha: torch.Tensor, M
     """Yield (rows, G, S) per block of at most ``max_rows`` evaluation points: G (rows, c, d) in Euclidean
     coordinates, S = M^{1/2} in float64 (None for the identity), and J = -G S."""
     m, d, c = z.shape[0], z.shape[1], alpha.shape[1]
-    zt, xt, S = _keops.euclidean_points(z, x, M)
+    points = _keops.euclidean_points(z, x, M)
     p = _keops.kernel_params(kernel, bandwidth, z)
-    routine = _keops.genred("grad", d, c)
-    xt = xt.contiguous()
+    routine = _keops.genred("grad", d, c, points.compensated)
     alpha = alpha.contiguous()
     step = max(1, int(max_rows))
     for start in range(0, m, step):
         rows = slice(start, min(m, start + step))
-        G = _keops.reduce(routine, zt[rows], xt, alpha, p)
-        yield rows, G.view(-1, c, d), S
+        G = _keops.reduce(routine, points, rows, alpha, p)
+        yield rows, G.view(-1, c, d), points.S
 
 
 def kernel_grad(z: torch.Tensor, x: torch.Tensor, alpha: torch.Tensor, M: Optional[torch.Tensor], kernel: str,

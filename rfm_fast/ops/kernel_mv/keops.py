@@ -23,6 +23,6 @@ def kernel_mv(z: torch.Tensor, x: torch.Tensor, alpha: torch.Tensor, M: Optional
     m, d, c = z.shape[0], z.shape[1], alpha.shape[1]
     if m == 0:
         return z.new_zeros(0, c)
-    zt, xt, _ = _keops.euclidean_points(z, x, M)
+    points = _keops.euclidean_points(z, x, M)
     p = _keops.kernel_params(kernel, bandwidth, z)
-    return _keops.reduce(_keops.genred("mv", d, c), zt, xt, alpha, p)
+    return _keops.reduce(_keops.genred("mv", d, c, points.compensated), points, slice(None), alpha, p)
