@@ -3,7 +3,7 @@
     from rfm_fast.integrations.xrfm import use_rfm_fast
     with use_rfm_fast():                     # or enable() ... disable()
         model = xrfm.RFM(kernel="laplace", bandwidth=10.0, device="cpu")
-        model.fit((X_train, y_train), (X_val, y_val))
+        model.fit((X_train, y_train), (X_val, y_val), iters=3, reg=1e-3)
 
 What changes (xrfm 0.4.x). While the switch is on, these methods of xrfm are replaced by rfm_fast-backed versions:
 
