@@ -29,6 +29,7 @@ def check(op: str, problem) -> Optional[str]:
 def prefers(op: str, problem) -> Optional[str]:
     # Measured on the 2-core reference machine (python -m rfm_fast.bench, benchmarks/results/agop_cpu.csv): at
     # n = m = 20000, d = 64, c = 10, x = centres, the cpp AGOP (symmetric schedule + compiled one-pass weights) and
-    # the torch path are both within a few percent of the GEMM floor and of each other, inside the run-to-run
-    # noise; off the centres the compiled per-thread op is slower. auto keeps the torch path, which needs no build.
+    # the torch path are both within a few percent of the GEMM floor and of each other (0.91x and 0.95x), inside
+    # the run-to-run noise, and off the centres too (1.12x and 1.14x in one run). auto keeps the torch path, which
+    # needs no build.
     return "not measurably faster than the torch path on the CPU table (benchmarks/results/agop_cpu.csv)"

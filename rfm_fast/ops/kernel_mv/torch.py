@@ -1,10 +1,12 @@
 """Fast kernel mat-vec on the torch path: for each tile of evaluation points and centres, one GEMM for the
-distances, kernel values in place, one GEMM into the (rows, c) accumulator. Extra memory: one tile.
+distances, kernel values in place, one GEMM into the (rows, c) accumulator. Extra memory: one tile, and transposed
+(c, n) and (c, m) copies of alpha and of the output.
 
 When the evaluation points are the centres (every kernel ridge solve), K is symmetric: each tile between two
 blocks is computed once and applied twice (out_I += K_IJ alpha_J, out_J += K_IJ^T alpha_I; see SymmetricPlan in
 rfm_fast/ops/common.py), which halves the distance GEMMs and the kernel-value passes that dominate this op.
-The output is the only accumulator, so this costs no extra memory."""
+The output is the only accumulator, so this needs no more memory than the one-sided schedule (one strip of a
+block instead of one tile)."""
 
 from __future__ import annotations
 
