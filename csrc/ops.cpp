@@ -14,6 +14,8 @@
 //   agop        -> (sum_j G_j^T G_j (d, d), sum_j G_j (c, d)), both float64
 //   gradient_weights_ (CPU) -> in place on a tile holding sign * scale * ||zc_j - xc_i||^2: the gradient weights
 //                             above, near pairs (the rtol test) set to 0 and returned as (k, 2) int64 (row, col)
+//   kernel_values_ (CPU)    -> in place on a finished distance tile (sign * scale * ||z - x||^2, near pairs exact):
+//                             the kernel values e^{-sqrt s} (laplace) or e^{-s} (gaussian)
 // `coeffs` (optional) is V = [alpha | alpha (x) xc] (n, c + c d), built once by the caller when it fits its
 // memory budget; without it each tile builds its slice.
 #include <Python.h>
@@ -31,6 +33,7 @@ TORCH_LIBRARY(rfm_fast, m) {
       "float scale, float rtol, bool direct, int tile_rows, int tile_cols) -> (Tensor, Tensor)");
   m.def("gradient_weights_(Tensor(a!) tile, Tensor zn, Tensor xn, str kernel, float sign, float scale, float rtol) "
         "-> Tensor");
+  m.def("kernel_values_(Tensor(a!) tile, str kernel, float sign) -> ()");
 }
 
 // An importable module (rfm_fast._C) whose loading runs the registrations above; it exposes nothing itself.

@@ -226,26 +226,29 @@ def test_explicit_request_without_the_extension_raises_the_build_hint(monkeypatc
 @pytest.mark.parametrize("kernel", KERNELS)
 @pytest.mark.parametrize("form", M_FORMS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("centered", [False, True])
-def test_cpp_agop_symmetric_schedule_with_fused_weights(monkeypatch, kernel, form, dtype, centered):
-    """agop(x, x) on the cpp backend takes the symmetric schedule with the compiled one-pass weights
-    (gradient_weights_): small blocks make mirrored tiles; duplicates and a near pair sit in different blocks."""
+@pytest.mark.parametrize("op,compiled,options", [("agop", "gradient_weights_", {}),
+                                                 ("agop", "gradient_weights_", {"centered": True}),
+                                                 ("kernel_mv", "kernel_values_", {})], ids=["agop", "centred", "mv"])
+def test_cpp_symmetric_schedule_with_compiled_passes(monkeypatch, kernel, form, dtype, op, compiled, options):
+    """op(x, x) on the cpp backend takes the symmetric schedule with its compiled one-pass elementwise op
+    (gradient_weights_ / kernel_values_): small blocks make mirrored tiles; duplicates and a near pair sit in
+    different blocks."""
     from rfm_fast.ops import common
 
     monkeypatch.setattr(common, "SYMMETRIC_BLOCK", 64)
     calls = []
-    original = torch.ops.rfm_fast.gradient_weights_
+    original = getattr(torch.ops.rfm_fast, compiled)
 
     class Spy:
         def __call__(self, *args):
             calls.append(args[0].shape)
             return original(*args)
 
-    monkeypatch.setattr(torch.ops.rfm_fast, "gradient_weights_", Spy())
-    X, alpha, M = make_spread_data(300, 21, 3, form, dtype, _seed("sym", kernel, form, str(dtype), centered))
-    out = rfm_fast.agop(X, X, alpha, kernel=kernel, bandwidth=2.0, M=M, centered=centered, backend="cpp")
-    assert calls, "the symmetric schedule with the compiled weights was not taken"
-    ref = reference("agop", X, X, alpha, M, kernel, 2.0, centered=centered)
+    monkeypatch.setattr(torch.ops.rfm_fast, compiled, Spy())
+    X, alpha, M = make_spread_data(300, 21, 3, form, dtype, _seed("sym", kernel, form, str(dtype), op, options))
+    out = getattr(rfm_fast, op)(X, X, alpha, kernel=kernel, bandwidth=2.0, M=M, backend="cpp", **options)
+    assert calls, f"the symmetric schedule with the compiled {compiled} was not taken"
+    ref = reference(op, X, X, alpha, M, kernel, 2.0, **options)
     assert rel_fro(out, ref) <= REL_FRO[dtype]
 
 
@@ -271,5 +274,23 @@ def test_gradient_weights_op_matches_the_torch_passes(kernel, dtype):
     _weights_(expected, kernel, torch.empty_like(expected))
     expected[3, 5] = 0
     expected[7, 11] = 0
+    tol = 1e-6 if dtype == torch.float32 else 1e-13
+    assert torch.allclose(tile, expected, rtol=tol, atol=0)
+
+
+@needs_ext
+@pytest.mark.parametrize("kernel", KERNELS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_kernel_values_op_matches_the_torch_passes(kernel, dtype):
+    from rfm_fast.ops.kernel_matrix.torch import kernel_values_
+
+    gen = _seed("values", kernel, str(dtype))
+    s = (torch.rand(37, 130, generator=gen, dtype=torch.float64) * 30).to(dtype)
+    s[3, 5] = 0.0
+    sign = 1.0 if kernel == "laplace" else -1.0
+    tile = (sign * s).contiguous()
+    torch.ops.rfm_fast.kernel_values_(tile, kernel, sign)
+    expected = kernel_values_((sign * s).clone(), kernel)
+    assert tile[3, 5] == 1.0
     tol = 1e-6 if dtype == torch.float32 else 1e-13
     assert torch.allclose(tile, expected, rtol=tol, atol=0)

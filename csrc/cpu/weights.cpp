@@ -1,6 +1,7 @@
-// CPU implementation of rfm_fast::gradient_weights_ (schema: ../ops.cpp): the elementwise half of a gradient tile
-// in one pass over memory, for tile schedules driven from Python (the symmetric schedule of
-// rfm_fast/ops/kernel_grad/torch.py, used by the cpp backend when the evaluation points are the centres).
+// CPU implementations of rfm_fast::gradient_weights_ and rfm_fast::kernel_values_ (schema: ../ops.cpp): the
+// elementwise half of a gradient or kernel tile in one pass over memory, for tile schedules driven from Python
+// (the symmetric schedules of rfm_fast/ops/kernel_grad/torch.py and kernel_mv/torch.py, used by the cpp backend
+// when the evaluation points are the centres).
 //
 // The tile arrives holding sign * scale * ||zc_j - xc_i||^2 from the augmented GEMM (sign -1 for the Gaussian,
 // as DistanceTiles writes it). Per entry, in cache and vectorised: the scaled squared distance s, the near test
@@ -93,8 +94,45 @@ at::Tensor gradient_weights_cpu(at::Tensor tile, const at::Tensor& zn, const at:
   return out;
 }
 
+// Kernel values in place on a tile that DistanceTiles.fill already finished (near pairs recomputed exactly):
+// v = sign * s -> laplace e^{-sqrt s}, gaussian e^{-s}; s is clamped at 0 against rounding. The torch path needs
+// three passes (sqrt, negate, exp) for the same.
+template <typename T, bool Laplace>
+void value_rows(T* tile, int64_t r0, int64_t r1, int64_t C, int64_t ld, T sign) {
+  for (int64_t j = r0; j < r1; ++j) {
+    T* row = tile + j * ld;
+#pragma omp simd
+    for (int64_t i = 0; i < C; ++i) {
+      const T s = sign * row[i];
+      row[i] = kernel_value(s > T(0) ? s : T(0), Laplace);
+    }
+  }
+}
+
+void kernel_values_cpu(at::Tensor tile, const std::string& kernel, double sign) {
+  TORCH_CHECK(tile.device().is_cpu(), "rfm_fast: kernel_values_ got a tile on ", tile.device());
+  TORCH_CHECK(tile.dim() == 2 && tile.stride(1) == 1, "rfm_fast: the tile must be 2-D with unit column stride");
+  TORCH_CHECK(sign == 1.0 || sign == -1.0, "rfm_fast: sign must be +1 or -1");
+  const bool laplace = is_laplace(kernel);
+  const int64_t R = tile.size(0), C = tile.size(1), ld = tile.stride(0);
+  AT_DISPATCH_FLOATING_TYPES(tile.scalar_type(), "rfm_fast_kernel_values_cpu", [&] {
+    scalar_t* tp = tile.data_ptr<scalar_t>();
+    const auto sg = static_cast<scalar_t>(sign);
+    at::parallel_for(0, R, std::max<int64_t>(1, 16384 / std::max<int64_t>(1, C)), [&](int64_t r0, int64_t r1) {
+      if (laplace) {
+        value_rows<scalar_t, true>(tp, r0, r1, C, ld, sg);
+      } else {
+        value_rows<scalar_t, false>(tp, r0, r1, C, ld, sg);
+      }
+    });
+  });
+}
+
 }  // namespace
 
-TORCH_LIBRARY_IMPL(rfm_fast, CPU, m) { m.impl("gradient_weights_", &gradient_weights_cpu); }
+TORCH_LIBRARY_IMPL(rfm_fast, CPU, m) {
+  m.impl("gradient_weights_", &gradient_weights_cpu);
+  m.impl("kernel_values_", &kernel_values_cpu);
+}
 
 }  // namespace rfm_fast::cpu

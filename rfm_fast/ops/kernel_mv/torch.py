@@ -47,7 +47,22 @@ def kernel_mv(z: torch.Tensor, x: torch.Tensor, alpha: torch.Tensor, M: Optional
     return out
 
 
-def _symmetric_mv(tiles, alpha: torch.Tensor, kernel: str, plan, out: torch.Tensor) -> None:
+def symmetric_kernel_mv(z: torch.Tensor, x: torch.Tensor, alpha: torch.Tensor, M: Optional[torch.Tensor],
+                        kernel: str, bandwidth: float, memory_budget: int, values) -> Optional[torch.Tensor]:
+    """K(x, x) alpha on the symmetric schedule with ``values(tile)`` as the kernel-value pass (the cpp backend's
+    compiled one), or None when the inputs do not take that schedule."""
+    tiles = distance_tiles_for_values(z, x, M, kernel, bandwidth)
+    if not tiles.symmetric or tiles.direct:
+        return None
+    sym = plan_symmetric(x.shape[0], z.element_size(), memory_budget, row_bytes=0, block_bytes=0, device=z.device)
+    if sym is None:
+        return None
+    out = torch.zeros(z.shape[0], alpha.shape[1], dtype=z.dtype, device=z.device)
+    _symmetric_mv(tiles, alpha.contiguous(), kernel, sym, out, values)
+    return out
+
+
+def _symmetric_mv(tiles, alpha: torch.Tensor, kernel: str, plan, out: torch.Tensor, values=None) -> None:
     """out += K alpha for z equal to x, one tile per unordered pair of blocks (the whole output is one group).
 
     Each block tile is produced a strip of rows at a time and both of its products are taken while the strip is
@@ -69,7 +84,10 @@ def _symmetric_mv(tiles, alpha: torch.Tensor, kernel: str, plan, out: torch.Tens
             part = slice(start, min(rows.stop, start + strip))
             view = buf[:(part.stop - part.start) * (cols.stop - cols.start)].view(part.stop - part.start, -1)
             tiles.fill(part, cols, view)
-            kernel_values_(view, kernel)
+            if values is None:
+                kernel_values_(view, kernel)
+            else:
+                values(view)
             out_t[:, part].addmm_(alpha_t[:, cols], view.T)
             if mirrored:
                 out_t[:, cols].addmm_(alpha_t[:, part], view)
