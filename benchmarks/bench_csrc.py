@@ -5,6 +5,9 @@ moderate size; the script form interleaves floor / cpp / torch runs in one proce
 issue-6 target being cpp <= 1.15x floor and faster than torch at n = m = 20000, d = 64, c = 10, fp32, Laplace:
 
     python benchmarks/bench_csrc.py --n 20000 --reps 5
+    python benchmarks/bench_csrc.py --sweep        # cpp / torch per op, dtype, shape, x = centres or not -> CSV
+
+The sweep is what backend="auto" follows (rfm_fast/backends/cpp.py): benchmarks/results/cpp_vs_torch.csv.
 
 The floor is rfm_fast.bench.gemm_floor (the distance GEMM and the W @ V GEMM in 256-row tiles, no elementwise
 work), so this script and the ``rfm-fast bench`` table agree on it. Skips (pytest) or exits with the build hint
@@ -86,6 +89,47 @@ def floor_ratios(n: int = 20000, d: int = 64, c: int = 10, *, dtype: str = "floa
     return out
 
 
+SWEEP_SHAPES = ((8000, 64, 10), (8000, 16, 1), (4000, 256, 3))
+
+
+def sweep(path: str, reps: int = 3) -> None:
+    """Median time of cpp and torch, timed in alternation in one process, for kernel_mv, kernel_grad and agop at
+    SWEEP_SHAPES (n = m, d, c), float32 and float64, with x = centres and with points 1e-3 away; one CSV row each."""
+    import csv
+
+    rows = []
+    gen = torch.Generator().manual_seed(0)
+    for n, d, c in SWEEP_SHAPES:
+        X = torch.randn(n, d, generator=gen)
+        alpha = torch.randn(n, c, generator=gen) / n**0.5
+        near = X + 1e-3 * torch.randn(n, d, generator=gen)
+        for dtype in (torch.float32, torch.float64):
+            Xd, ad = X.to(dtype), alpha.to(dtype)
+            for where, Z in (("centres", Xd), ("off", near.to(dtype))):
+                for op in ("kernel_mv", "kernel_grad", "agop"):
+                    f = getattr(rfm_fast, op)
+                    calls = {b: (lambda b=b: f(Z, Xd, ad, bandwidth=BANDWIDTH, backend=b)) for b in ("torch", "cpp")}
+                    times = {b: [] for b in calls}
+                    for fn in calls.values():
+                        fn()
+                    for _ in range(reps):
+                        for b, fn in calls.items():
+                            start = time.perf_counter()
+                            fn()
+                            times[b].append(time.perf_counter() - start)
+                    med = {b: statistics.median(v) for b, v in times.items()}
+                    row = dict(op=op, n=n, d=d, c=c, dtype=str(dtype)[6:], points=where, torch_s=round(med["torch"], 4),
+                               cpp_s=round(med["cpp"], 4), cpp_over_torch=round(med["cpp"] / med["torch"], 3),
+                               threads=torch.get_num_threads())
+                    rows.append(row)
+                    print(", ".join(f"{k}={v}" for k, v in row.items()), flush=True)
+    with open(path, "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    print(f"wrote {path}")
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--n", type=int, default=20000)
@@ -95,11 +139,16 @@ def main(argv=None) -> int:
     parser.add_argument("--kernel", default="laplace", choices=("laplace", "gaussian"))
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--backends", nargs="*", default=["cpp", "torch"])
+    parser.add_argument("--sweep", action="store_true", help="the cpp / torch table that backend='auto' follows")
+    parser.add_argument("--csv", default="benchmarks/results/cpp_vs_torch.csv", help="where --sweep writes")
     args = parser.parse_args(argv)
     reason = _ext.unavailable_reason()
-    if reason is not None and "cpp" in args.backends:
+    if reason is not None and ("cpp" in args.backends or args.sweep):
         print(reason, file=sys.stderr)
         return 1
+    if args.sweep:
+        sweep(args.csv)
+        return 0
     floor_ratios(args.n, args.d, args.c, dtype=args.dtype, kernel=args.kernel, reps=args.reps,
                  backends=tuple(args.backends))
     return 0

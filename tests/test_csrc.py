@@ -182,12 +182,16 @@ def test_non_contiguous_inputs_and_determinism(device):
 
 
 @needs_ext
-def test_auto_keeps_the_faster_torch_path_and_explicit_cpp_runs():
-    # auto follows the measured table (benchmarks/results/agop_cpu.csv), where the torch path is faster on 2 cores
+def test_auto_follows_the_measured_cpp_torch_table():
+    # benchmarks/results/cpp_vs_torch.csv: cpp faster in float32, the torch path in float64
     x = torch.randn(20, 8)
     problem = prepare(x, x, torch.randn(20, 2), None, "laplace", 1.0, need_alpha=True)
-    assert _dispatch.choose("agop", problem, "auto").name == "torch"
-    assert _dispatch.choose("agop", problem, "cpp").name == "cpp"
+    for op in ("kernel_mv", "kernel_grad", "agop"):
+        assert _dispatch.choose(op, problem, "auto").name == "cpp"
+    x64 = x.double()
+    problem64 = prepare(x64, x64, torch.randn(20, 2, dtype=torch.float64), None, "laplace", 1.0, need_alpha=True)
+    assert _dispatch.choose("agop", problem64, "auto").name == "torch"
+    assert _dispatch.choose("agop", problem64, "cpp").name == "cpp"
     assert _dispatch.choose("kernel_matrix", problem, "auto").name != "cpp"
     with pytest.raises(RuntimeError, match="implements"):
         rfm_fast.kernel_matrix(x, x, backend="cpp")
@@ -228,7 +232,9 @@ def test_explicit_request_without_the_extension_raises_the_build_hint(monkeypatc
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("op,compiled,options", [("agop", "gradient_weights_", {}),
                                                  ("agop", "gradient_weights_", {"centered": True}),
-                                                 ("kernel_mv", "kernel_values_", {})], ids=["agop", "centred", "mv"])
+                                                 ("kernel_grad", "gradient_weights_", {}),
+                                                 ("kernel_mv", "kernel_values_", {})],
+                         ids=["agop", "centred", "grad", "mv"])
 def test_cpp_symmetric_schedule_with_compiled_passes(monkeypatch, kernel, form, dtype, op, compiled, options):
     """op(x, x) on the cpp backend takes the symmetric schedule with its compiled one-pass elementwise op
     (gradient_weights_ / kernel_values_): small blocks make mirrored tiles; duplicates and a near pair sit in

@@ -1,7 +1,8 @@
 """Probe of the "cpp" backend: the compiled CPU ops of csrc/ (OpenMP-threaded, fused tiles).
 
 Built only on request (RFM_FAST_BUILD_EXT=1 pip install --no-build-isolation -e .). check() returns the build
-hint when the extension is missing, so backend="auto" falls back to torch quietly and backend="cpp" raises it.
+hint when the extension is missing, so backend="auto" falls back to torch quietly and backend="cpp" raises it;
+prefers() keeps auto on torch for float64 (measured).
 Imports nothing heavy at module level.
 """
 
@@ -27,9 +28,14 @@ def check(op: str, problem) -> Optional[str]:
 
 
 def prefers(op: str, problem) -> Optional[str]:
-    # Measured on the 2-core reference machine (python -m rfm_fast.bench, benchmarks/results/agop_cpu.csv): at
-    # n = m = 20000, d = 64, c = 10, x = centres, the cpp AGOP (symmetric schedule + compiled one-pass weights) and
-    # the torch path are both within a few percent of the GEMM floor and of each other (0.91x and 0.95x), inside
-    # the run-to-run noise, and off the centres too (1.12x and 1.14x in one run). auto keeps the torch path, which
-    # needs no build.
-    return "not measurably faster than the torch path on the CPU table (benchmarks/results/agop_cpu.csv)"
+    """auto picks cpp for float32 and keeps the torch path for float64, as measured by
+    ``python benchmarks/bench_csrc.py --sweep`` (benchmarks/results/cpp_vs_torch.csv, 2 cores, AVX-512 build):
+    in float32 cpp was faster in all 18 cases (kernel_mv, kernel_grad, agop; three shapes; x = centres and not;
+    0.63-0.97x the torch time), in float64 slower in all 18 (1.05-2.1x: its float64 exp is libm's, scalar, where
+    torch's is vectorised). At n = m = 20000, d = 64, c = 10 (rfm-fast bench) the AGOP took 0.91x the GEMM floor
+    against 0.95x for torch."""
+    import torch
+
+    if problem.dtype == torch.float32:
+        return None
+    return "float64 runs faster on the torch path (benchmarks/results/cpp_vs_torch.csv)"

@@ -253,10 +253,10 @@ def _direct_gradient_tiles(z, x, alpha, M, kernel, tiles, memory_budget):
 
 
 def kernel_grad(z: torch.Tensor, x: torch.Tensor, alpha: torch.Tensor, M: Optional[torch.Tensor], kernel: str,
-                bandwidth: float, memory_budget: int) -> torch.Tensor:
-    """z (m, d), x (n, d), alpha (n, c) -> J (m, c, d), J[j] = d f / d z at z_j."""
+                bandwidth: float, memory_budget: int, fused: bool = False) -> torch.Tensor:
+    """z (m, d), x (n, d), alpha (n, c) -> J (m, c, d), J[j] = d f / d z at z_j. ``fused``: see gradient_tiles."""
     m, d, c = z.shape[0], z.shape[1], alpha.shape[1]
     out = torch.empty(m, c, d, dtype=z.dtype, device=z.device)
-    for rows, J, P in gradient_tiles(z, x, alpha, M, kernel, bandwidth, memory_budget):
+    for rows, J, P in gradient_tiles(z, x, alpha, M, kernel, bandwidth, memory_budget, fused):
         out[rows] = apply_metric(J, P) * (-1.0 / bandwidth**2)
     return out
