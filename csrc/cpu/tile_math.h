@@ -33,8 +33,34 @@ inline float exp_nonpos(float x) {
   return x < -87.0f ? 0.0f : p * two_n;
 }
 
-// float64 keeps libm's exp: the float64 path is GEMM-bound by a wider margin and needs full precision.
-inline double exp_nonpos(double x) { return std::exp(x); }
+// exp(x) for x <= 0 in double, the same way: Cody-Waite with fdlibm's split of ln 2 (its high part has trailing
+// zero bits, so n * ln2_hi is exact), a degree-13 Taylor polynomial (truncation < 5e-18 relative for
+// |r| <= ln2 / 2, below double rounding; a few ulp in all) and 2^n from the exponent bits. libm's exp does not
+// vectorise without -ffast-math, which made every float64 cpp op slower than torch's vectorised exp (1.05-2.1x,
+// benchmarks/results/cpp_vs_torch.csv before this). Below -708 the result is flushed to 0, as for float.
+inline double exp_nonpos(double x) {
+  const double xs = x < -708.0 ? -708.0 : x;
+  const double n = std::floor(xs * 1.4426950408889634 + 0.5);
+  const double r = (xs - n * 6.93147180369123816490e-01) - n * 1.90821492927058770002e-10;
+  double p = 1.0 / 6227020800.0;
+  p = p * r + 1.0 / 479001600.0;
+  p = p * r + 1.0 / 39916800.0;
+  p = p * r + 1.0 / 3628800.0;
+  p = p * r + 1.0 / 362880.0;
+  p = p * r + 1.0 / 40320.0;
+  p = p * r + 1.0 / 5040.0;
+  p = p * r + 1.0 / 720.0;
+  p = p * r + 1.0 / 120.0;
+  p = p * r + 1.0 / 24.0;
+  p = p * r + 1.0 / 6.0;
+  p = p * r + 0.5;
+  p = p * r + 1.0;
+  p = p * r + 1.0;
+  const int64_t bits = (static_cast<int64_t>(n) + 1023) << 52;
+  double two_n;
+  std::memcpy(&two_n, &bits, sizeof(double));
+  return x < -708.0 ? 0.0 : p * two_n;
+}
 
 // Gradient weight up to the common factor -1/L^2, from s = scale * ||z - x||^2 > 0:
 //   laplace (scale = 1/L^2):       e^{-r'} / r',  r' = sqrt(s) = r / L

@@ -1,8 +1,7 @@
 """Probe of the "cpp" backend: the compiled CPU ops of csrc/ (OpenMP-threaded, fused tiles).
 
 Built only on request (RFM_FAST_BUILD_EXT=1 pip install --no-build-isolation -e .). check() returns the build
-hint when the extension is missing, so backend="auto" falls back to torch quietly and backend="cpp" raises it;
-prefers() keeps auto on torch for float64 (measured).
+hint when the extension is missing, so backend="auto" falls back to torch quietly and backend="cpp" raises it.
 Imports nothing heavy at module level.
 """
 
@@ -28,14 +27,9 @@ def check(op: str, problem) -> Optional[str]:
 
 
 def prefers(op: str, problem) -> Optional[str]:
-    """auto picks cpp for float32 and keeps the torch path for float64, as measured by
-    ``python benchmarks/bench_csrc.py --sweep`` (benchmarks/results/cpp_vs_torch.csv, 2 cores, AVX-512 build):
-    in float32 cpp was faster in all 18 cases (kernel_mv, kernel_grad, agop; three shapes; x = centres and not;
-    0.63-0.97x the torch time), in float64 slower in all 18 (1.05-2.1x: its float64 exp is libm's, scalar, where
-    torch's is vectorised). At n = m = 20000, d = 64, c = 10 (rfm-fast bench) the AGOP took 0.91x the GEMM floor
-    against 0.95x for torch."""
-    import torch
-
-    if problem.dtype == torch.float32:
-        return None
-    return "float64 runs faster on the torch path (benchmarks/results/cpp_vs_torch.csv)"
+    """auto picks cpp wherever it can run (CPU, float32/float64, the extension built), as measured by
+    ``python benchmarks/bench_csrc.py --sweep`` (benchmarks/results/cpp_vs_torch.csv, 2 cores, AVX-512 build): cpp
+    was faster than the torch path in all 36 cases (kernel_mv, kernel_grad, agop; three shapes; float32 and
+    float64; x = centres and not; 0.59-0.99x the torch time). At n = m = 20000, d = 64, c = 10 (rfm-fast bench)
+    the AGOP took 0.91x the GEMM floor against 0.95x for torch."""
+    return None
