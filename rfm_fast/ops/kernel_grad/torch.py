@@ -23,8 +23,8 @@ from typing import Iterator, Optional
 
 import torch
 
-from ..common import (PREFERRED_GPU_ROWS, PREFERRED_ROWS, RECHECK_CHUNK_ELEMS, DistanceTiles, NearPairs, apply_metric,
-                      metric_sqrt, plan_symmetric, plan_tiles)
+from ..common import (DIRECT_DISTANCE_MAX_D, PREFERRED_GPU_ROWS, PREFERRED_ROWS, RECHECK_CHUNK_ELEMS, DistanceTiles,
+                      NearPairs, apply_metric, metric_sqrt, plan_symmetric, plan_tiles, same_points)
 
 
 def _laplace_weights_(tile: torch.Tensor, scratch: torch.Tensor) -> None:
@@ -155,8 +155,6 @@ def _symmetric_plan(n, c, d, item, memory_budget, kernel, device):
 def symmetric_plan_for(z: torch.Tensor, x: torch.Tensor, alpha: torch.Tensor, memory_budget: int, kernel: str):
     """The symmetric schedule gradient_tiles would take for these inputs, or None (z not equal to x, small d
     where distances are formed directly, or a budget too small)."""
-    from ..common import DIRECT_DISTANCE_MAX_D, same_points
-
     d, c = z.shape[1], alpha.shape[1]
     if d <= DIRECT_DISTANCE_MAX_D or not same_points(z, x):
         return None

@@ -14,23 +14,20 @@ from typing import Optional
 
 import torch
 
-from ..common import PREFERRED_GPU_ROWS, PREFERRED_ROWS, plan_symmetric, plan_tiles
+from ..common import (DIRECT_DISTANCE_MAX_D, PREFERRED_GPU_ROWS, PREFERRED_ROWS, plan_symmetric, plan_tiles,
+                      same_points)
 from ..kernel_matrix.torch import distance_tiles_for_values, kernel_values_
 
 
 def kernel_mv(z: torch.Tensor, x: torch.Tensor, alpha: torch.Tensor, M: Optional[torch.Tensor], kernel: str,
               bandwidth: float, memory_budget: int) -> torch.Tensor:
     """z (m, d), x (n, d), alpha (n, c) -> K(z, x) @ alpha, (m, c)."""
+    out = symmetric_kernel_mv(z, x, alpha, M, kernel, bandwidth, memory_budget)
+    if out is not None:
+        return out
     m, n, c = z.shape[0], x.shape[0], alpha.shape[1]
     tiles = distance_tiles_for_values(z, x, M, kernel, bandwidth)
-    alpha = alpha.contiguous()
-    out = torch.zeros(m, c, dtype=z.dtype, device=z.device)
-    if tiles.symmetric and not tiles.direct:
-        # Only strips of a block are held, well within any budget plan_symmetric accepts.
-        sym = plan_symmetric(n, z.element_size(), memory_budget, row_bytes=0, block_bytes=0, device=z.device)
-        if sym is not None:
-            _symmetric_mv(tiles, alpha, kernel, sym, out)
-            return out
+    out = torch.empty(m, c, dtype=z.dtype, device=z.device)
     plan = plan_tiles(m, n, z.element_size(), memory_budget, tile_buffers=1, row_bytes=0, device=z.device)
     buf = torch.empty(plan.rows * plan.cols, dtype=z.dtype, device=z.device)
     # Transposed accumulation, alpha^T K_tile^T into out^T: see _symmetric_mv for why.
@@ -48,15 +45,17 @@ def kernel_mv(z: torch.Tensor, x: torch.Tensor, alpha: torch.Tensor, M: Optional
 
 
 def symmetric_kernel_mv(z: torch.Tensor, x: torch.Tensor, alpha: torch.Tensor, M: Optional[torch.Tensor],
-                        kernel: str, bandwidth: float, memory_budget: int, values) -> Optional[torch.Tensor]:
-    """K(x, x) alpha on the symmetric schedule with ``values(tile)`` as the kernel-value pass (the cpp backend's
-    compiled one), or None when the inputs do not take that schedule."""
-    tiles = distance_tiles_for_values(z, x, M, kernel, bandwidth)
-    if not tiles.symmetric or tiles.direct:
+                        kernel: str, bandwidth: float, memory_budget: int, values=None) -> Optional[torch.Tensor]:
+    """K(x, x) alpha on the symmetric schedule, with ``values(tile)`` as the kernel-value pass (default the torch
+    passes; the cpp backend passes its compiled one), or None when the inputs do not take that schedule (z not
+    equal to x, small d where distances are formed directly): decided before any per-call work is done."""
+    if z.shape[1] <= DIRECT_DISTANCE_MAX_D or not same_points(z, x):
         return None
+    # Only strips of a block are held, well within any budget plan_symmetric accepts.
     sym = plan_symmetric(x.shape[0], z.element_size(), memory_budget, row_bytes=0, block_bytes=0, device=z.device)
     if sym is None:
         return None
+    tiles = distance_tiles_for_values(z, x, M, kernel, bandwidth)
     out = torch.zeros(z.shape[0], alpha.shape[1], dtype=z.dtype, device=z.device)
     _symmetric_mv(tiles, alpha.contiguous(), kernel, sym, out, values)
     return out
