@@ -232,7 +232,9 @@ def plan(p: EuclideanProblem, memory_budget: int, *, threads: int, gradient: boo
         # One launch per chunk of rows: its (rows, width) accumulator, the gradients and one temporary.
         rows = max(1, min(m, memory_budget // (3 * width * item))) if gradient else max(1, m)
         return rows, CUDA_TILE_COLS, False
-    whole = gradient and not p.direct and n * width * item <= memory_budget // 2
+    from .ops.common import coefficients_fit
+
+    whole = gradient and not p.direct and coefficients_fit(n, width, item, memory_budget)
     budget = memory_budget - (n * width * item if whole else 0)
     rows = max(1, min(CPU_TILE_ROWS, -(-m // max(1, threads))))
     cols = max(1, min(CPU_TILE_COLS, n))

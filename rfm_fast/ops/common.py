@@ -293,6 +293,18 @@ def plan_symmetric(n: int, itemsize: int, budget: int, *, row_bytes: int, block_
     return None
 
 
+def strip_rows(device: torch.device) -> int:
+    """Rows of a tile strip whose elementwise passes run while it is in cache (CPU), or as large a launch as
+    the symmetric schedules use (GPU)."""
+    return PREFERRED_GPU_ROWS if device.type != "cpu" else PREFERRED_ROWS
+
+
+def coefficients_fit(n: int, width: int, itemsize: int, budget: int) -> bool:
+    """Whether the (n, width) coefficient matrix [alpha | alpha (x) x] is built once, whole: when it takes at
+    most half the memory budget (otherwise every tile builds its slice)."""
+    return n * width * itemsize <= budget // 2
+
+
 def plan_tiles(m: int, n: int, itemsize: int, budget: int, *, tile_buffers: int, row_bytes: int,
                col_bytes: int = 0, device: Optional[torch.device] = None) -> TilePlan:
     """Choose tile sizes so that ``tile_buffers`` (rows x cols) buffers plus ``row_bytes`` per tile row and

@@ -23,8 +23,8 @@ from typing import Iterator, Optional
 
 import torch
 
-from ..common import (DIRECT_DISTANCE_MAX_D, PREFERRED_GPU_ROWS, PREFERRED_ROWS, RECHECK_CHUNK_ELEMS, DistanceTiles,
-                      NearPairs, apply_metric, metric_sqrt, plan_symmetric, plan_tiles, same_points)
+from ..common import (DIRECT_DISTANCE_MAX_D, RECHECK_CHUNK_ELEMS, DistanceTiles, NearPairs, apply_metric,
+                      coefficients_fit, metric_sqrt, plan_symmetric, plan_tiles, same_points, strip_rows)
 
 
 def _laplace_weights_(tile: torch.Tensor, scratch: torch.Tensor) -> None:
@@ -104,7 +104,7 @@ def gradient_tiles(z: torch.Tensor, x: torch.Tensor, alpha: torch.Tensor, M: Opt
         if plan is not None:
             yield from _symmetric_gradient_tiles(z, alpha, S, kernel, tiles, plan, memory_budget, fused)
             return
-    whole_v = n * width * item <= memory_budget // 2
+    whole_v = coefficients_fit(n, width, item, memory_budget)
     coeffs = _stacked_coefficients(alpha, tiles.xc) if whole_v else None
     budget = memory_budget - (n * width * item if whole_v else 0)
     plan = plan_tiles(m, n, item, budget, tile_buffers=2, row_bytes=(width + 2 * c * d) * item,
@@ -144,10 +144,9 @@ def _symmetric_plan(n, c, d, item, memory_budget, kernel, device):
     block-sized slices of it), per block one tile, a Laplace scratch strip and the gradient output buffer; the
     rest holds the group's (rows, c + c d) accumulator."""
     width = c + c * d
-    whole_v = n * width * item <= memory_budget // 2
+    whole_v = coefficients_fit(n, width, item, memory_budget)
     budget = memory_budget - (n * width * item if whole_v else 0)
-    strip_rows = PREFERRED_GPU_ROWS if device.type != "cpu" else PREFERRED_ROWS  # Laplace scratch: one strip
-    block_bytes = (strip_rows * item if kernel == "laplace" else 0) + c * d * item \
+    block_bytes = (strip_rows(device) * item if kernel == "laplace" else 0) + c * d * item \
         + (0 if whole_v else 2 * width * item)
     return plan_symmetric(n, item, budget, row_bytes=width * item, block_bytes=block_bytes, device=device)
 
@@ -172,14 +171,14 @@ def _symmetric_gradient_tiles(z, alpha, S, kernel, tiles, plan, memory_budget, f
     item = z.element_size()
     width = c + c * d
     blocks = plan.blocks(n)
-    whole_v = n * width * item <= memory_budget // 2
+    whole_v = coefficients_fit(n, width, item, memory_budget)
     coeffs = _stacked_coefficients(alpha, tiles.xc) if whole_v else None
 
     def rhs(block: slice) -> torch.Tensor:
         return coeffs[block] if whole_v else _stacked_coefficients(alpha[block], tiles.xc[block])
 
     B = plan.block
-    strip = min(B, PREFERRED_GPU_ROWS if z.device.type != "cpu" else PREFERRED_ROWS)
+    strip = min(B, strip_rows(z.device))
     tile_buf = torch.empty(B * B, dtype=z.dtype, device=z.device)
     scratch_buf = torch.empty(strip * B, dtype=z.dtype, device=z.device) if kernel == "laplace" and not fused \
         else None

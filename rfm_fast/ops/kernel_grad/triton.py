@@ -27,7 +27,7 @@ from typing import Iterator, Optional
 
 import torch
 
-from ..common import NearPairs, apply_metric
+from ..common import NearPairs, apply_metric, coefficients_fit
 from ..triton_kernels import Operands, fused_gradient, fused_shapes, padded_coefficients, pairwise
 from .torch import _add_near_field, _stacked_coefficients
 
@@ -103,7 +103,7 @@ def _gemm_gradient_blocks(ops: Operands, alpha: torch.Tensor, memory_budget: int
     m, n, c, d = ops.zc.shape[0], ops.xc.shape[0], alpha.shape[1], ops.d
     item = ops.zc.element_size()
     width = c + c * d
-    whole = n * width * item <= memory_budget // 2
+    whole = coefficients_fit(n, width, item, memory_budget)
     coeffs = _stacked_coefficients(alpha, ops.xc) if whole else None
     budget = memory_budget - (n * width * item if whole else 0)
     rows_n, cols_n = max(1, min(m, GEMM_ROWS)), max(1, min(n, GEMM_COLS))

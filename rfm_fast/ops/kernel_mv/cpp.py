@@ -21,9 +21,8 @@ def kernel_mv(z: torch.Tensor, x: torch.Tensor, alpha: torch.Tensor, M: Optional
     """z (m, d), x (n, d), alpha (n, c) -> K(z, x) @ alpha, (m, c)."""
     _ext.load()
     if z.device.type == "cpu":
-        sign = 1.0 if kernel == "laplace" else -1.0
         out = symmetric_kernel_mv(z, x, alpha, M, kernel, bandwidth, memory_budget,
-                                  lambda tile: torch.ops.rfm_fast.kernel_values_(tile, kernel, sign))
+                                  lambda tile, sign: torch.ops.rfm_fast.kernel_values_(tile, kernel, sign))
         if out is not None:
             return out
     p = _ext.euclidean_problem(z, x, alpha, M, kernel, bandwidth)

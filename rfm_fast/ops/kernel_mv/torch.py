@@ -14,8 +14,7 @@ from typing import Optional
 
 import torch
 
-from ..common import (DIRECT_DISTANCE_MAX_D, PREFERRED_GPU_ROWS, PREFERRED_ROWS, plan_symmetric, plan_tiles,
-                      same_points)
+from ..common import DIRECT_DISTANCE_MAX_D, plan_symmetric, plan_tiles, same_points, strip_rows
 from ..kernel_matrix.torch import distance_tiles_for_values, kernel_values_
 
 
@@ -46,8 +45,8 @@ def kernel_mv(z: torch.Tensor, x: torch.Tensor, alpha: torch.Tensor, M: Optional
 
 def symmetric_kernel_mv(z: torch.Tensor, x: torch.Tensor, alpha: torch.Tensor, M: Optional[torch.Tensor],
                         kernel: str, bandwidth: float, memory_budget: int, values=None) -> Optional[torch.Tensor]:
-    """K(x, x) alpha on the symmetric schedule, with ``values(tile)`` as the kernel-value pass (default the torch
-    passes; the cpp backend passes its compiled one), or None when the inputs do not take that schedule (z not
+    """K(x, x) alpha on the symmetric schedule, with ``values(tile, sign)`` as the kernel-value pass on a tile
+    holding sign * scaled squared distances (default the torch passes; the cpp backend passes its compiled one), or None when the inputs do not take that schedule (z not
     equal to x, small d where distances are formed directly): decided before any per-call work is done."""
     if z.shape[1] <= DIRECT_DISTANCE_MAX_D or not same_points(z, x):
         return None
@@ -73,7 +72,7 @@ def _symmetric_mv(tiles, alpha: torch.Tensor, kernel: str, plan, out: torch.Tens
     n = alpha.shape[0]
     blocks = plan.blocks(n)
     B = plan.block
-    strip = min(B, PREFERRED_GPU_ROWS if out.device.type != "cpu" else PREFERRED_ROWS)
+    strip = min(B, strip_rows(out.device))
     buf = torch.empty(strip * B, dtype=out.dtype, device=out.device)
     alpha_t = alpha.T.contiguous()
     out_t = torch.zeros_like(alpha_t)
@@ -86,7 +85,7 @@ def _symmetric_mv(tiles, alpha: torch.Tensor, kernel: str, plan, out: torch.Tens
             if values is None:
                 kernel_values_(view, kernel)
             else:
-                values(view)
+                values(view, tiles.sign)
             out_t[:, part].addmm_(alpha_t[:, cols], view.T)
             if mirrored:
                 out_t[:, cols].addmm_(alpha_t[:, part], view)
