@@ -1,39 +1,32 @@
-// The schema of every rfm_fast op, in one place; implementations register per device in cpu/ and cuda/.
+// The schema of every rfm_fast compiled op, in one place; implementations register per device in cpu/ and cuda/.
 //
-// All ops work in Euclidean coordinates prepared by the Python bindings (rfm_fast/_ext.py): with S = M^{1/2},
-// zc = z S - mu and xc = x S - mu (mu the centres' mean), so ||z - x||_M = ||zc - xc||. The original points z, x
-// and S are passed too: pairs whose expanded squared distance ||zc||^2 + ||xc||^2 - 2 zc.xc is within
-// rtol * (||zc||^2 + ||xc||^2) of zero are recomputed exactly as u = (z - x) S (see rfm_fast/ops/common.py).
-// `scale` multiplies squared distances: 1/L^2 (laplace) or 1/(2 L^2) (gaussian). `direct` forms every pair from
-// the exact difference (small d, where that is as cheap as the GEMM). tile_rows x tile_cols bounds the working
-// tile of each thread (CPU) or of each launch chunk (CUDA).
+// The ops work on the kernel core's prepared arrays (rfm_fast/core/geometry.py): scaled coordinates, so that a
+// pair's kernel argument is s = ||u_z - u_x||^2, and per-point near bound terms bz, bx: a pair is near when its
+// computed s <= bz[j] + bx[i]. Tiles hold sign * s (sign +1 laplace, -1 gaussian). The kernel's formulas are
+//   laplace:  value e^{-sqrt s},  gradient weight e^{-sqrt s} / sqrt s  (0 for a near pair)
+//   gaussian: value e^{-s},       gradient weight e^{-s}
+// and every constant (sign, the bound terms, the coordinate scale) arrives as an argument.
 //
-//   kernel_mv   -> (m, c):    f_j = sum_i alpha_i k(z_j, x_i)
-//   kernel_grad -> (m, c, d): G_j = sum_i w_ji alpha_i (x) (zc_j - xc_i), the Euclidean gradient up to -1/L^2
-//                             (laplace w = e^{-r'}/r', r' = r/L, 0 at r = 0; gaussian w = e^{-r^2/(2L^2)})
-//   agop        -> (sum_j G_j^T G_j (d, d), sum_j G_j (c, d)), both float64
-//   gradient_weights_ (CPU) -> in place on a tile holding sign * scale * ||zc_j - xc_i||^2: the gradient weights
-//                             above, near pairs (the rtol test) set to 0 and returned as (k, 2) int64 (row, col)
-//   kernel_values_ (CPU)    -> in place on a finished distance tile (sign * scale * ||z - x||^2, near pairs exact):
-//                             the kernel values e^{-sqrt s} (laplace) or e^{-s} (gaussian)
-// `coeffs` (optional) is V = [alpha | alpha (x) xc] (n, c + c d), built once by the caller when it fits its
-// memory budget; without it each tile builds its slice.
+//   tile_pass_ (CPU) -> in place on a tile holding sign * s: the near test and the values (gradient = false) or
+//                      the gradient weights (gradient = true, near entries set to 0); returns the near pairs as
+//                      (k, 2) int64 local (row, col) indices.
+//   kernel_mv (CUDA)   -> (m, c):  f_j = sum_i alpha_i k(z_j, x_i)
+//   kernel_grad (CUDA) -> (m, c + c r): per row [sum_i w alpha_i | sum_i w alpha_i (x) u_x,i - near field], the
+//                      accumulator from which the core forms G~ = acc_alpha (x) u_z - acc_V (rfm_fast/core/gradient.py)
+// The CUDA ops take ue (m, r), xe (n, r) expansion coordinates with squared norms zn, xn and bounds bz, bx, the
+// original points z (m, d), x (n, d) and the scaled factor F (d, r) (None: the identity times `sigma`) to recompute
+// near pairs exactly as u = (z - x) F; `direct` recomputes every pair that way (small r).
 #include <Python.h>
 #include <torch/library.h>
 
 TORCH_LIBRARY(rfm_fast, m) {
+  m.def("tile_pass_(Tensor(a!) tile, Tensor bz, Tensor bx, float sign, bool laplace, bool gradient) -> Tensor");
   m.def(
-      "kernel_mv(Tensor zc, Tensor xc, Tensor alpha, Tensor z, Tensor x, Tensor? S, str kernel, float scale, "
-      "float rtol, bool direct, int tile_rows, int tile_cols) -> Tensor");
+      "kernel_mv(Tensor ze, Tensor xe, Tensor zn, Tensor xn, Tensor bz, Tensor bx, Tensor alpha, Tensor z, "
+      "Tensor x, Tensor? F, float sigma, bool laplace, bool direct, int tile_rows) -> Tensor");
   m.def(
-      "kernel_grad(Tensor zc, Tensor xc, Tensor alpha, Tensor? coeffs, Tensor z, Tensor x, Tensor? S, str kernel, "
-      "float scale, float rtol, bool direct, int tile_rows, int tile_cols) -> Tensor");
-  m.def(
-      "agop(Tensor zc, Tensor xc, Tensor alpha, Tensor? coeffs, Tensor z, Tensor x, Tensor? S, str kernel, "
-      "float scale, float rtol, bool direct, int tile_rows, int tile_cols) -> (Tensor, Tensor)");
-  m.def("gradient_weights_(Tensor(a!) tile, Tensor zn, Tensor xn, str kernel, float sign, float scale, float rtol) "
-        "-> Tensor");
-  m.def("kernel_values_(Tensor(a!) tile, str kernel, float sign) -> ()");
+      "kernel_grad(Tensor ze, Tensor xe, Tensor zn, Tensor xn, Tensor bz, Tensor bx, Tensor alpha, Tensor z, "
+      "Tensor x, Tensor? F, float sigma, bool laplace, bool direct, int tile_rows) -> Tensor");
 }
 
 // An importable module (rfm_fast._C) whose loading runs the registrations above; it exposes nothing itself.

@@ -2,7 +2,7 @@
 
 The four ops (kernel matrix, kernel mat-vec, predictor gradient, AGOP) for Laplace and Gaussian kernels with a
 Mahalanobis matrix M, behind one dispatcher over the torch, naive, KeOps, Triton and compiled backends. The maths
-is fixed in CONVENTIONS.md and restated in ``rfm_fast.ops.api``.
+is stated in docs/maths.md and restated in ``rfm_fast.ops.api``; it is implemented once, in ``rfm_fast.core``.
 
 Importing this package is cheap: no device probe, no compiler, no optional dependency is touched until a call
 needs it.
@@ -10,7 +10,7 @@ needs it.
 
 from __future__ import annotations
 
-from ._dispatch import available_backends
+from ._dispatch import available_backends, backends_for
 from .ops.api import agop, kernel_grad, kernel_matrix, kernel_mv
 
 __version__ = "0.1.0"
@@ -27,7 +27,8 @@ _LAZY = {
     "integrations": "rfm_fast.integrations",
 }
 
-__all__ = ["agop", "kernel_grad", "kernel_matrix", "kernel_mv", "available_backends", "__version__", *_LAZY]
+__all__ = ["agop", "kernel_grad", "kernel_matrix", "kernel_mv", "available_backends", "backends_for", "__version__",
+           *_LAZY]
 
 
 def __getattr__(name: str):

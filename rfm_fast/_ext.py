@@ -10,9 +10,8 @@ so ``backend="auto"`` falls back quietly while an explicit request raises it). :
 sources with ``torch.utils.cpp_extension.load`` for machines without pip (e.g. a GPU box with a preinstalled
 torch); it is never called implicitly.
 
-The ops work in Euclidean coordinates: :func:`euclidean_problem` applies S = M^{1/2} and centres the points at
-the centres' mean in Python (rfm_fast.ops.common helpers), so the C++/CUDA code sees plain Euclidean distances
-and receives the original points and S only to recompute near-zero pairs exactly.
+The compiled ops are primitives of the kernel core (rfm_fast/core): they receive the core's prepared arrays and
+constants as arguments (csrc/ops.cpp) and re-derive no rule of their own.
 """
 
 from __future__ import annotations
@@ -20,7 +19,6 @@ from __future__ import annotations
 import glob
 import importlib
 import os
-from dataclasses import dataclass
 from typing import Optional
 
 BUILD_HINT = "build it with RFM_FAST_BUILD_EXT=1 pip install --no-build-isolation -e ."
@@ -32,7 +30,7 @@ def _ops_registered() -> bool:
     import torch
 
     try:
-        torch.ops.rfm_fast.agop  # noqa: B018 (attribute lookup resolves the registered op)
+        torch.ops.rfm_fast.tile_pass_  # noqa: B018 (attribute lookup resolves the registered op)
     except (AttributeError, RuntimeError):
         return False
     return True
@@ -72,7 +70,7 @@ def has_cuda_kernels() -> bool:
     import torch
 
     load()
-    return torch._C._dispatch_has_kernel_for_dispatch_key("rfm_fast::agop", "CUDA")
+    return torch._C._dispatch_has_kernel_for_dispatch_key("rfm_fast::kernel_grad", "CUDA")
 
 
 def sources(cuda: bool, root: str = _ROOT, relative: bool = False) -> list[str]:
@@ -173,91 +171,3 @@ def build_inplace(verbose: bool = True, cuda: Optional[bool] = None, build_direc
     jit_load(name="rfm_fast_jit", sources=srcs, extra_cflags=cxx_flags(), extra_cuda_cflags=nvcc_flags(),
              build_directory=build_directory, verbose=verbose, is_python_module=False, with_cuda=cuda)
     _state.update(loaded=True, error=None)
-
-
-# Squared-distance scale per kernel: the ops take s = scale * ||z - x||^2 (laplace s = (r/L)^2, gaussian
-# s = r^2/(2 L^2)); both gradient weights then share the factor -1/L^2.
-def distance_scale(kernel: str, bandwidth: float) -> float:
-    return 1.0 / bandwidth**2 if kernel == "laplace" else 0.5 / bandwidth**2
-
-
-@dataclass
-class EuclideanProblem:
-    zc: "torch.Tensor"  # noqa: F821  (m, d) z S - mu
-    xc: "torch.Tensor"  # noqa: F821  (n, d) x S - mu
-    z: "torch.Tensor"  # noqa: F821  (m, d) original, contiguous
-    x: "torch.Tensor"  # noqa: F821  (n, d)
-    S: "Optional[torch.Tensor]"  # noqa: F821  None, (d,) or (d, d)
-    alpha: "torch.Tensor"  # noqa: F821  (n, c) contiguous
-    scale: float
-    rtol: float
-    direct: bool
-
-
-def euclidean_problem(z, x, alpha, M, kernel: str, bandwidth: float) -> EuclideanProblem:
-    """Metric transform and centring in torch (same rules as rfm_fast.ops.common.DistanceTiles)."""
-    import torch
-
-    from .ops.common import DIRECT_DISTANCE_MAX_D, RECHECK_RTOL, apply_metric, metric_sqrt
-
-    S = metric_sqrt(M, z.dtype)
-    z, x = z.contiguous(), x.contiguous()
-    direct = z.shape[1] <= DIRECT_DISTANCE_MAX_D
-    if direct:
-        zc, xc = z, x  # unused by the direct path, which works from the exact differences
-    else:
-        zt, xt = apply_metric(z, S), apply_metric(x, S)
-        shift = xt.mean(0, keepdim=True)
-        zc, xc = (zt - shift).contiguous(), (xt - shift).contiguous()
-    alpha = alpha.contiguous() if alpha is not None else torch.zeros(x.shape[0], 1, dtype=z.dtype, device=z.device)
-    return EuclideanProblem(zc, xc, z, x, None if S is None else S.contiguous(), alpha,
-                            distance_scale(kernel, bandwidth), RECHECK_RTOL[z.dtype], direct)
-
-
-# CPU tiles: 256 evaluation points x 1024 centres (1 MiB fp32) keep the weight tile and the 256-row accumulator
-# within a core's L2 while the two GEMMs per tile stay large enough for MKL to run near its single-core peak.
-CPU_TILE_ROWS = 256
-CPU_TILE_COLS = 1024
-CUDA_TILE_COLS = 64  # informational: the CUDA kernel's centre chunk is the compile-time kCols
-
-
-def plan(p: EuclideanProblem, memory_budget: int, *, threads: int, gradient: bool) -> tuple[int, int, bool]:
-    """(tile_rows, tile_cols, whole_coeffs): tiles per thread within ``memory_budget`` bytes; whole_coeffs says
-    whether the (n, c + c d) coefficient matrix is built once (when it fits in half the budget)."""
-    m, n, d = p.zc.shape[0], p.xc.shape[0], p.zc.shape[1]
-    c = p.alpha.shape[1]
-    item = p.zc.element_size()
-    width = c + c * d if gradient else c
-    if p.zc.device.type == "cuda":
-        # One launch per chunk of rows: its (rows, width) accumulator, the gradients and one temporary.
-        rows = max(1, min(m, memory_budget // (3 * width * item))) if gradient else max(1, m)
-        return rows, CUDA_TILE_COLS, False
-    from .ops.common import coefficients_fit
-
-    whole = gradient and not p.direct and coefficients_fit(n, width, item, memory_budget)
-    budget = memory_budget - (n * width * item if whole else 0)
-    rows = max(1, min(CPU_TILE_ROWS, -(-m // max(1, threads))))
-    cols = max(1, min(CPU_TILE_COLS, n))
-
-    def cost(r, k):
-        per_thread = r * k + r * width + (0 if whole or not gradient else k * width) + (2 * r * c * d if gradient
-                                                                                         else 0)
-        return threads * per_thread * item
-
-    while cost(rows, cols) > budget and cols > 64:
-        cols //= 2
-    while cost(rows, cols) > budget and rows > 8:
-        rows //= 2
-    return rows, cols, whole
-
-
-def stacked_coefficients(p: EuclideanProblem):
-    """V = [alpha | alpha (x) xc], (n, c + c d)."""
-    import torch
-
-    n, c = p.alpha.shape
-    d = p.xc.shape[1]
-    out = torch.empty(n, c + c * d, dtype=p.xc.dtype, device=p.xc.device)
-    out[:, :c] = p.alpha
-    torch.mul(p.alpha[:, :, None], p.xc[:, None, :], out=out[:, c:].view(n, c, d))
-    return out

@@ -47,13 +47,30 @@ class Problem:
 
 
 def _to_tensor(name: str, value: Any) -> torch.Tensor:
+    """Any array-like as a torch tensor: tensors as they are; numpy arrays without a copy where possible (negative
+    strides and non-native byte order are copied); lists, tuples, pandas frames and other array-likes through
+    numpy. Integer and bool data become float32, as do array-likes that are not numpy/torch arrays (a list of
+    Python floats is float32 here, not float64); a float64 array stays float64."""
     if isinstance(value, torch.Tensor):
+        if value.dtype == torch.bool or (not value.is_floating_point() and not value.is_complex()):
+            return value.to(torch.float32)
         return value
-    if isinstance(value, np.ndarray):
-        if not (np.issubdtype(value.dtype, np.floating) or np.issubdtype(value.dtype, np.integer)):
-            raise TypeError(f"{name} must hold real numbers, got numpy dtype {value.dtype}")
-        return torch.from_numpy(np.ascontiguousarray(value) if value.dtype.byteorder == ">" else value)
-    raise TypeError(f"{name} must be a numpy array or a torch tensor, got {type(value).__name__}")
+    if hasattr(value, "toarray") and hasattr(value, "tocsr"):
+        raise TypeError(f"{name} is a scipy sparse matrix; rfm_fast works on dense arrays: pass {name}.toarray()")
+    from_array = isinstance(value, np.ndarray) or hasattr(value, "__array__") and not isinstance(value, (list, tuple))
+    try:
+        arr = np.asarray(value)
+    except (TypeError, ValueError) as exc:
+        raise TypeError(f"{name} must be an array-like of real numbers, got {type(value).__name__} ({exc})") from None
+    if arr.dtype == object or not (np.issubdtype(arr.dtype, np.floating) or np.issubdtype(arr.dtype, np.integer)
+                                   or arr.dtype == np.bool_):
+        raise TypeError(f"{name} must hold real numbers, got {type(value).__name__} with dtype {arr.dtype}")
+    if arr.dtype.byteorder == ">" or any(st < 0 for st in arr.strides):
+        arr = np.ascontiguousarray(arr, dtype=arr.dtype.newbyteorder("=") if arr.dtype.byteorder == ">" else None)
+    if arr.dtype != np.float64 or not from_array:
+        if arr.dtype not in (np.float32, np.float64) or not from_array:
+            arr = arr.astype(np.float32)
+    return torch.from_numpy(arr)
 
 
 def _check_finite(name: str, t: torch.Tensor) -> None:
@@ -113,7 +130,7 @@ def _check_M(M: Any, d: int, like: torch.Tensor) -> Optional[torch.Tensor]:
         tol = 64 * eps * max(scale, 1e-300)
         if float((M64 - M64.T).abs().max()) > tol:
             raise ValueError("M must be symmetric")
-    return M.to(like.dtype)
+    return M if M.dtype == torch.float64 else M.to(like.dtype)
 
 
 def prepare(
@@ -130,12 +147,13 @@ def prepare(
 ) -> Problem:
     """Validate and canonicalise the arguments of a public op.
 
-    The output kind (numpy or torch), dtype and device follow ``x``.  ``centers`` must match ``x`` in dtype;
-    ``alpha`` and ``M`` are cast to it.  numpy inputs are used without copying where possible.
+    The output kind (torch for torch input, numpy for anything else), dtype and device follow ``x``. Array-likes
+    are converted as :func:`_to_tensor` says; ``centers`` must then match ``x`` in dtype; ``alpha`` and ``M`` are
+    cast to it (M keeps float64 when given so: its factor is computed in float64 anyway).
     """
     kernel = check_kernel(kernel)
     bandwidth = check_bandwidth(bandwidth)
-    numpy_out = isinstance(x, np.ndarray)
+    numpy_out = not isinstance(x, torch.Tensor)
     xt = _to_tensor("x", x)
     ct = _to_tensor("centers", centers)
     allowed = FLOAT_DTYPES + (HALF_DTYPES if allow_half else ())
@@ -166,7 +184,7 @@ def prepare(
     squeeze_c = False
     if need_alpha:
         at = _to_tensor("alpha", alpha)
-        if not (at.dtype.is_floating_point or at.dtype in (torch.int32, torch.int64)):
+        if at.is_complex():
             raise TypeError(f"alpha must be real, got {at.dtype}")
         if at.ndim == 1:
             squeeze_c = True

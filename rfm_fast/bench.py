@@ -159,14 +159,14 @@ def default_backends() -> list[str]:
 
     import torch
 
-    from ._dispatch import _REGISTRY, _unavailable_reason
+    from ._dispatch import REGISTRY
     from ._validation import prepare
 
     probe = prepare(torch.zeros(2, 2), torch.zeros(2, 2), torch.zeros(2, 1), None, "laplace", 1.0,
                     need_alpha=True)
     names = ["torch"]
     for name in ("cpp", "keops"):
-        if _unavailable_reason(_REGISTRY[name], "agop", probe) is None:
+        if REGISTRY[name].reason("agop", probe) is None:
             names.append(name)
     if importlib.util.find_spec("xrfm") is not None:
         names.append("xrfm")

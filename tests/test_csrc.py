@@ -32,7 +32,7 @@ if EXT_REASON is None and torch.cuda.is_available() and _ext.has_cuda_kernels():
     DEVICES.append("cuda")
 BACKEND = {"cpu": "cpp", "cuda": "cuda"}
 DTYPES = (torch.float32, torch.float64)
-OPS = ("kernel_mv", "kernel_grad", "agop")
+OPS = ("kernel_matrix", "kernel_mv", "kernel_grad", "agop")
 SIZES = [  # (m, n, d, c): a single pair, direct small-d path, awkward tile remainders, wide d
     (1, 1, 1, 1),
     (50, 60, 3, 2),
@@ -58,6 +58,8 @@ def _seed(*key) -> torch.Generator:
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("size", SIZES, ids=lambda s: "x".join(map(str, s)))
 def test_matches_float64_reference(device, op, kernel, form, dtype, size):
+    if device == "cuda" and op == "kernel_matrix":
+        pytest.skip("the cuda backend routes kernel_matrix to the automatic choice")
     m, n, d, c = size
     Z, X, alpha = make_data(m, n, d, c, _seed(op, kernel, form, size))
     M = make_metric(form, d, _seed(form, d))
@@ -96,7 +98,7 @@ def test_agop_options_x_is_centers(device, kernel, form, dtype, centered, diag):
 
 @needs_ext
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("op", OPS)
+@pytest.mark.parametrize("op", OPS[1:])
 def test_one_dimensional_alpha(device, op):
     gen = _seed("alpha1d", op)
     Z, X, alpha = make_data(40, 70, 9, 1, gen)
@@ -124,26 +126,22 @@ def test_small_budget_tiles_and_streamed_coefficients(device, kernel, op):
     assert rel_fro(small, reference(op, Z, X, alpha, None, kernel, 4.0)) <= REL_FRO[torch.float64]
 
 
-@needs_ext
-@pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("tile_rows,tile_cols", [(1, 1), (7, 13), (64, 1000)])
-def test_raw_op_any_tile_shape(device, tile_rows, tile_cols):
-    """The torch op itself, with tile shapes that leave remainders everywhere, against the binding's answer."""
-    gen = _seed("raw", tile_rows, tile_cols)
+@pytest.mark.skipif("cuda" not in DEVICES, reason="needs a GPU and the extension's CUDA kernels")
+@pytest.mark.parametrize("tile_rows", [1, 7, 64, 1000])
+def test_cuda_raw_ops_any_tile_rows(tile_rows):
+    """The raw CUDA ops on the core's arrays, with row chunks that leave remainders, against the torch path."""
+    from rfm_fast.backends.cuda.ops import _Arrays
+
+    gen = _seed("raw", tile_rows)
     Z, X, alpha = make_data(45, 101, 11, 3, gen)
     M = make_metric("dense", 11, gen)
-    Zd, Xd, ad, Md = _on(device, Z, X, alpha, M)
-    p = _ext.euclidean_problem(Zd, Xd, ad, Md, "laplace", 1.5)
-    outer, sums = torch.ops.rfm_fast.agop(p.zc, p.xc, p.alpha, None, p.z, p.x, p.S, "laplace", p.scale, p.rtol,
-                                          p.direct, tile_rows, tile_cols)
-    G = torch.ops.rfm_fast.kernel_grad(p.zc, p.xc, p.alpha, None, p.z, p.x, p.S, "laplace", p.scale, p.rtol,
-                                       p.direct, tile_rows, tile_cols)
-    flat = G.reshape(-1, 11)
-    assert rel_fro(outer, flat.T @ flat) <= 1e-12
-    assert rel_fro(sums, G.sum(0)) <= 1e-12
-    f = torch.ops.rfm_fast.kernel_mv(p.zc, p.xc, p.alpha, p.z, p.x, p.S, "laplace", p.scale, p.rtol, p.direct,
-                                     tile_rows, tile_cols)
+    Zd, Xd, ad, Md = _on("cuda", Z, X, alpha, M)
+    problem = prepare(Zd, Xd, ad, Md, "laplace", 1.5, need_alpha=True)
+    arrays = _Arrays(problem)
+    f = torch.ops.rfm_fast.kernel_mv(*arrays.args(slice(None), ad), tile_rows)
     assert rel_fro(f, reference("kernel_mv", Z, X, alpha, M, "laplace", 1.5)) <= REL_FRO[torch.float64]
+    acc = torch.ops.rfm_fast.kernel_grad(*arrays.args(slice(None), ad), tile_rows)
+    assert acc.shape == (45, 3 * (1 + arrays.geom.r))
 
 
 @needs_ext
@@ -187,13 +185,12 @@ def test_auto_follows_the_measured_cpp_torch_table():
     for dtype in (torch.float32, torch.float64):
         x = torch.randn(20, 8, dtype=dtype)
         problem = prepare(x, x, torch.randn(20, 2, dtype=dtype), None, "laplace", 1.0, need_alpha=True)
-        for op in ("kernel_mv", "kernel_grad", "agop"):
+        for op in ("kernel_matrix", "kernel_mv", "kernel_grad", "agop"):
             assert _dispatch.choose(op, problem, "auto").name == "cpp"
             assert _dispatch.choose(op, problem, "torch").name == "torch"
-        assert _dispatch.choose("kernel_matrix", problem, "auto").name != "cpp"
     x = torch.randn(20, 8)
-    with pytest.raises(RuntimeError, match="implements"):
-        rfm_fast.kernel_matrix(x, x, backend="cpp")
+    assert torch.allclose(rfm_fast.kernel_matrix(x, x, backend="cpp"), rfm_fast.kernel_matrix(x, x, backend="torch"),
+                          rtol=1e-6, atol=0)
 
 
 def test_cuda_backend_refuses_cpu_tensors():
@@ -229,30 +226,27 @@ def test_explicit_request_without_the_extension_raises_the_build_hint(monkeypatc
 @pytest.mark.parametrize("kernel", KERNELS)
 @pytest.mark.parametrize("form", M_FORMS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("op,compiled,options", [("agop", "gradient_weights_", {}),
-                                                 ("agop", "gradient_weights_", {"centered": True}),
-                                                 ("kernel_grad", "gradient_weights_", {}),
-                                                 ("kernel_mv", "kernel_values_", {})],
-                         ids=["agop", "centred", "grad", "mv"])
-def test_cpp_symmetric_schedule_with_compiled_passes(monkeypatch, kernel, form, dtype, op, compiled, options):
-    """op(x, x) on the cpp backend takes the symmetric schedule with its compiled one-pass elementwise op
-    (gradient_weights_ / kernel_values_): small blocks make mirrored tiles; duplicates and a near pair sit in
-    different blocks."""
-    from rfm_fast.ops import common
+@pytest.mark.parametrize("op,options", [("agop", {}), ("agop", {"centered": True}), ("kernel_grad", {}),
+                                        ("kernel_mv", {}), ("kernel_matrix", {})],
+                         ids=["agop", "centred", "grad", "mv", "matrix"])
+def test_cpp_symmetric_schedule_with_the_compiled_pass(monkeypatch, kernel, form, dtype, op, options):
+    """op(x, x) on the cpp backend runs the core's symmetric schedule with the compiled pass (tile_pass_): small
+    blocks make mirrored tiles; duplicates and a near pair sit in different blocks."""
+    from rfm_fast.core import plan as planner
 
-    monkeypatch.setattr(common, "SYMMETRIC_BLOCK", 64)
+    monkeypatch.setitem(planner.SYMMETRIC_BLOCK, "cpu", 64)
     calls = []
-    original = getattr(torch.ops.rfm_fast, compiled)
+    original = torch.ops.rfm_fast.tile_pass_
 
     class Spy:
         def __call__(self, *args):
             calls.append(args[0].shape)
             return original(*args)
 
-    monkeypatch.setattr(torch.ops.rfm_fast, compiled, Spy())
+    monkeypatch.setattr(torch.ops.rfm_fast, "tile_pass_", Spy())
     X, alpha, M = make_spread_data(300, 21, 3, form, dtype, _seed("sym", kernel, form, str(dtype), op, options))
-    out = getattr(rfm_fast, op)(X, X, alpha, kernel=kernel, bandwidth=2.0, M=M, backend="cpp", **options)
-    assert calls, f"the symmetric schedule with the compiled {compiled} was not taken"
+    out = call(op, X, X, alpha, M, kernel, 2.0, backend="cpp", **options)
+    assert calls, "the compiled tile_pass_ was not used"
     ref = reference(op, X, X, alpha, M, kernel, 2.0, **options)
     assert rel_fro(out, ref) <= REL_FRO[dtype]
 
@@ -260,42 +254,30 @@ def test_cpp_symmetric_schedule_with_compiled_passes(monkeypatch, kernel, form, 
 @needs_ext
 @pytest.mark.parametrize("kernel", KERNELS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_gradient_weights_op_matches_the_torch_passes(kernel, dtype):
-    """The compiled one-pass weights against the torch path's passes on a strip, near pairs zeroed and listed."""
-    from rfm_fast.ops.kernel_grad.torch import _weights_
+@pytest.mark.parametrize("gradient", [False, True], ids=["values", "weights"])
+def test_tile_pass_matches_the_torch_pass(kernel, dtype, gradient):
+    """The compiled one-pass op against the torch pass on a strided strip: near pairs listed (the same ones),
+    zeroed in a weight tile, and every other entry the same value."""
+    from rfm_fast.core.kernels import KernelSpec
+    from rfm_fast.core.tiles import TorchPass
 
-    gen = _seed("weights", kernel, str(dtype))
+    spec = KernelSpec(kernel, 1.0)
+    gen = _seed("pass", kernel, str(dtype), gradient)
     R, C = 37, 130
-    s = (torch.rand(R, C, generator=gen, dtype=torch.float64) * 30 + 0.5).to(dtype)  # far from the near bound
+    s = (torch.rand(R, C + 9, generator=gen, dtype=torch.float64) * 30 + 0.5).to(dtype)  # far from the bounds
     s[3, 5] = 0.0
     s[7, 11] = 1e-9
-    zn = torch.ones(R, dtype=dtype)
-    xn = torch.ones(C, dtype=dtype)
-    sign = 1.0 if kernel == "laplace" else -1.0
-    tile = (sign * s).contiguous()
-    near = torch.ops.rfm_fast.gradient_weights_(tile, zn, xn, kernel, sign, 1.0, 2.0**-8)
-    assert sorted(map(tuple, near.tolist())) == [(3, 5), (7, 11)]
-    expected = (sign * s).clone()
-    _weights_(expected, kernel, torch.empty_like(expected))
-    expected[3, 5] = 0
-    expected[7, 11] = 0
+    s[8, 12] = -1e-7  # rounding below zero
+    bz = torch.full((R,), 1e-6, dtype=dtype)
+    bx = torch.full((C,), 1e-6, dtype=dtype)
+    tile = (spec.tile_sign * s)[:, :C]
+    expected = tile.clone()
+    near = torch.ops.rfm_fast.tile_pass_(tile, bz, bx, spec.tile_sign, spec.laplace, gradient)
+    near_torch = TorchPass()(expected, bz, bx, spec, gradient)
+    assert sorted(map(tuple, near.tolist())) == sorted(map(tuple, near_torch.tolist())) == [(3, 5), (7, 11), (8, 12)]
+    keep = torch.ones(R, C, dtype=torch.bool)
+    keep[near[:, 0], near[:, 1]] = False
     tol = 1e-6 if dtype == torch.float32 else 1e-13
-    assert torch.allclose(tile, expected, rtol=tol, atol=0)
-
-
-@needs_ext
-@pytest.mark.parametrize("kernel", KERNELS)
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_kernel_values_op_matches_the_torch_passes(kernel, dtype):
-    from rfm_fast.ops.kernel_matrix.torch import kernel_values_
-
-    gen = _seed("values", kernel, str(dtype))
-    s = (torch.rand(37, 130, generator=gen, dtype=torch.float64) * 30).to(dtype)
-    s[3, 5] = 0.0
-    sign = 1.0 if kernel == "laplace" else -1.0
-    tile = (sign * s).contiguous()
-    torch.ops.rfm_fast.kernel_values_(tile, kernel, sign)
-    expected = kernel_values_((sign * s).clone(), kernel)
-    assert tile[3, 5] == 1.0
-    tol = 1e-6 if dtype == torch.float32 else 1e-13
-    assert torch.allclose(tile, expected, rtol=tol, atol=0)
+    assert torch.allclose(tile[keep], expected[keep], rtol=tol, atol=0)
+    if gradient:
+        assert torch.all(tile[~keep] == 0)

@@ -19,7 +19,7 @@ import torch
 pytest.importorskip("pykeops")
 
 import rfm_fast  # noqa: E402
-from rfm_fast._dispatch import _REGISTRY, choose  # noqa: E402
+from rfm_fast._dispatch import REGISTRY, choose, explain  # noqa: E402
 from rfm_fast._validation import prepare  # noqa: E402
 
 from .test_ops import KERNELS, M_FORMS, make_data, make_metric, reference  # noqa: E402
@@ -164,20 +164,25 @@ def test_empty_evaluation_set():
 
 
 @pytest.mark.parametrize("form", M_FORMS)
-def test_kernel_matrix_runs_the_torch_path(form):
+def test_kernel_matrix_is_routed_to_the_automatic_choice(form):
+    """KeOps does not implement kernel_matrix (its output is the m x n matrix itself): backend="keops" routes it to
+    the backend auto picks, and says so."""
     Z, X, _, M = _inputs((37, 129, 3, 2), form, torch.float32, seed=4)
     out = rfm_fast.kernel_matrix(Z, X, kernel="laplace", bandwidth=1.5, M=M, backend="keops")
-    torch_out = rfm_fast.kernel_matrix(Z, X, kernel="laplace", bandwidth=1.5, M=M, backend="torch")
-    assert torch.equal(out, torch_out)
+    auto_out = rfm_fast.kernel_matrix(Z, X, kernel="laplace", bandwidth=1.5, M=M, backend="auto")
+    assert torch.equal(out, auto_out)
+    problem = prepare(Z, X, None, M, "laplace", 1.5, need_alpha=False)
+    chosen, why = explain("kernel_matrix", problem, "keops")
+    assert chosen.name != "keops" and "does not implement kernel_matrix" in why
 
 
 def test_dispatch():
     problem = prepare(torch.zeros(4, 3), torch.zeros(5, 3), torch.zeros(5, 2), None, "laplace", 1.0,
                       need_alpha=True)
-    keops = _REGISTRY["keops"]
-    assert keops.check("agop", problem) is None
+    keops = REGISTRY["keops"]
+    assert keops.reason("agop", problem) is None
     # Measured: on CPU the torch path wins everywhere (benchmarks/results/keops_crossover.csv).
-    assert keops.prefers("agop", problem) is not None
+    assert keops.declines("agop", problem) is not None
     assert choose("agop", problem, "auto").name != "keops"
     assert choose("agop", problem, "keops").name == "keops"
     half = prepare(torch.zeros(4, 3, dtype=torch.float16), torch.zeros(5, 3, dtype=torch.float16),

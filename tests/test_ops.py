@@ -177,22 +177,22 @@ def test_symmetric_schedule_x_is_centers(monkeypatch, kernel, op, form, dtype, g
     mirrored tiles, and a cap of two blocks per group (what a tight budget gives at large n) splits the
     accumulator; duplicates and near pairs sit in different blocks so their exact contributions are mirrored too.
     An equal copy of x must take the same path as x itself."""
-    from rfm_fast.ops import common
-    from rfm_fast.ops.kernel_grad import torch as grad_torch
-    from rfm_fast.ops.kernel_mv import torch as mv_torch
+    import dataclasses
 
-    monkeypatch.setattr(common, "SYMMETRIC_BLOCK", 64)
+    from rfm_fast.core import gradient, matvec, plan as planner
+
+    monkeypatch.setitem(planner.SYMMETRIC_BLOCK, "cpu", 64)
     plans = []
 
     def capped(*args, **kw):
-        plan = common.plan_symmetric(*args, **kw)
+        plan = planner.plan_symmetric(*args, **kw)
         if group is not None:
-            plan.group = min(plan.group, group)
+            plan = dataclasses.replace(plan, group=min(plan.group, group))
         plans.append(plan)
         return plan
 
-    monkeypatch.setattr(grad_torch, "plan_symmetric", capped)
-    monkeypatch.setattr(mv_torch, "plan_symmetric", capped)
+    monkeypatch.setattr(gradient, "plan_symmetric", capped)
+    monkeypatch.setattr(matvec, "plan_symmetric", capped)
     X, alpha, M = make_spread_data(450, 19, 3, form, dtype, torch.Generator().manual_seed(23))
     out = call(op, X, X.clone(), alpha, M, kernel, 2.5)
     assert len(plans) == 1 and plans[0].block == 64

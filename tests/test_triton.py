@@ -8,6 +8,7 @@ rfm_fast is imported); sizes are small because the interpreter executes every pr
 from __future__ import annotations
 
 import os
+import zlib
 
 import pytest
 import torch
@@ -60,7 +61,7 @@ def regime(request, monkeypatch):
 @pytest.mark.parametrize("size", SIZES, ids=lambda s: "x".join(map(str, s)))
 def test_matches_float64_reference(op, kernel, form, dtype, size):
     m, n, d, c = size
-    gen = torch.Generator().manual_seed(hash((op, kernel, form, size)) % 2**31)
+    gen = torch.Generator().manual_seed(zlib.crc32(repr((op, kernel, form, size)).encode()))
     Z, X, alpha = make_data(m, n, d, c, gen)  # self pairs and duplicated centres
     M = make_metric(form, d, gen)
     _check(op, Z, X, alpha, M, kernel, 0.7 * d**0.5 + 0.3, dtype)
@@ -207,7 +208,7 @@ def test_probe_reasons(monkeypatch):
     problem = prepare(torch.randn(5, 2), torch.randn(5, 2), None, None, "laplace", 1.0, need_alpha=False)
     assert probe.prefers("agop", problem) is not None  # never auto on CPU
     monkeypatch.setenv("TRITON_INTERPRET", "0")
-    reason = probe.check("agop", problem)
+    reason = probe.check(problem)
     assert reason is not None and "CUDA" in reason
     with pytest.raises(RuntimeError, match="triton"):
         rfm_fast.agop(torch.randn(5, 2), torch.randn(5, 2), torch.randn(5), backend="triton")

@@ -1,13 +1,10 @@
-// Elementwise pieces of the fused CPU tiles: a branch-free exp for non-positive arguments (so the weight loop
-// vectorises without -ffast-math), the kernel values and gradient weights, and the exact pair geometry used for
-// the near field. Shared by gradient.cpp and kernel_mv.cpp.
+// Elementwise pieces of the compiled CPU pass: a branch-free exp for non-positive arguments (so the loops
+// vectorise without -ffast-math) and the kernel values and gradient weights of s = ||u_z - u_x||^2.
 #pragma once
 
 #include <cmath>
 #include <cstdint>
 #include <cstring>
-
-#include "../pair_args.h"
 
 namespace rfm_fast::cpu {
 
@@ -33,11 +30,12 @@ inline float exp_nonpos(float x) {
   return x < -87.0f ? 0.0f : p * two_n;
 }
 
-// exp(x) for x <= 0 in double, the same way: Cody-Waite with fdlibm's split of ln 2 (its high part has trailing
+// exp(x) for x <= 0 in double, the same way (the same shape as the float version, not one template with it:
+// the two differ in every constant and in the degree): Cody-Waite with fdlibm's split of ln 2 (its high part has trailing
 // zero bits, so n * ln2_hi is exact), a degree-13 Taylor polynomial (truncation < 5e-18 relative for
 // |r| <= ln2 / 2, below double rounding; a few ulp in all) and 2^n from the exponent bits. libm's exp does not
-// vectorise without -ffast-math, which made every float64 cpp op slower than torch's vectorised exp (1.05-2.1x,
-// benchmarks/results/cpp_vs_torch.csv before this). Below -708 the result is flushed to 0, as for float.
+// vectorise without -ffast-math, which made every float64 compiled op slower than torch's vectorised exp (1.05-2.1x
+// before this). Below -708 the result is flushed to 0, as for float.
 inline double exp_nonpos(double x) {
   const double xs = x < -708.0 ? -708.0 : x;
   const double n = std::floor(xs * 1.4426950408889634 + 0.5);
@@ -62,9 +60,7 @@ inline double exp_nonpos(double x) {
   return x < -708.0 ? 0.0 : p * two_n;
 }
 
-// Gradient weight up to the common factor -1/L^2, from s = scale * ||z - x||^2 > 0:
-//   laplace (scale = 1/L^2):       e^{-r'} / r',  r' = sqrt(s) = r / L
-//   gaussian (scale = 1/(2 L^2)):  e^{-s}
+// Gradient weight from s > 0: laplace e^{-sqrt s} / sqrt s, gaussian e^{-s}.
 template <typename T>
 inline T gradient_weight(T s, bool laplace) {
   if (laplace) {
@@ -74,33 +70,10 @@ inline T gradient_weight(T s, bool laplace) {
   return exp_nonpos(-s);
 }
 
-// Kernel value from s as above: laplace e^{-sqrt(s)}, gaussian e^{-s}.
+// Kernel value from s >= 0: laplace e^{-sqrt s}, gaussian e^{-s}.
 template <typename T>
 inline T kernel_value(T s, bool laplace) {
   return exp_nonpos(laplace ? -std::sqrt(s) : -s);
-}
-
-// u = (z_j - x_i) S from the original points and ||u||^2: exactly 0 for equal rows, free of the cancellation of
-// the expanded distance. S: none (identity), a diagonal (d,) or a symmetric dense (d, d).
-template <typename T>
-inline T exact_difference(const T* z, const T* x, const T* S, MetricKind kind, int64_t d, T* u) {
-  if (kind == MetricKind::Dense) {
-    for (int64_t l = 0; l < d; ++l) u[l] = T(0);
-    for (int64_t k = 0; k < d; ++k) {
-      const T diff = z[k] - x[k];
-      if (diff == T(0)) continue;
-      const T* row = S + k * d;
-      for (int64_t l = 0; l < d; ++l) u[l] += diff * row[l];
-    }
-  } else {
-    for (int64_t l = 0; l < d; ++l) {
-      const T diff = z[l] - x[l];
-      u[l] = kind == MetricKind::Diagonal ? diff * S[l] : diff;
-    }
-  }
-  T sq = T(0);
-  for (int64_t l = 0; l < d; ++l) sq += u[l] * u[l];
-  return sq;
 }
 
 }  // namespace rfm_fast::cpu

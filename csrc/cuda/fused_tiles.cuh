@@ -1,21 +1,21 @@
-// The fused CUDA tile kernel behind rfm_fast::kernel_mv, kernel_grad and agop on CUDA tensors.
+// The fused CUDA tile kernel behind rfm_fast::kernel_mv and kernel_grad on CUDA tensors.
 //
-// A block owns kRows evaluation points and kThreads output columns (one column per thread, kRows accumulators
-// in registers) and sweeps all centres in chunks of kCols:
-//   1. dot products zc_j . xc_i of the (kRows x kCols) tile, staged through shared memory in kDepth slices;
-//   2. each pair's squared distance ||zc||^2 + ||xc||^2 - 2 zc.xc, its near test and its weight (gradient) or
-//      kernel value (mat-vec), written to a shared tile; near pairs are recomputed exactly from u = (z - x) S;
-//   3. acc[r] += tile[r][i] * V[i][o] for the thread's column o, with V[i] = [alpha_i | alpha_i (x) xc_i]
+// It works on the kernel core's arrays (rfm_fast/core/geometry.py): scaled coordinates ue, xe (the kernel argument
+// of a pair is s = ||u_z - u_x||^2), their squared norms and the near bound terms bz, bx. A block owns kRows
+// evaluation points and kThreads output columns (one column per thread, kRows accumulators in registers) and
+// sweeps all centres in chunks of kCols:
+//   1. dot products ue_j . xe_i of the (kRows x kCols) tile, staged through shared memory in kDepth slices;
+//   2. each pair's s = ||ue||^2 + ||xe||^2 - 2 ue.xe, its near test s <= bz_j + bx_i, and its weight (gradient) or
+//      kernel value (mat-vec), written to a shared tile; near pairs are recomputed exactly from u = (z - x) F;
+//   3. acc[r] += tile[r][i] * V[i][o] for the thread's column o, with V[i] = [alpha_i | alpha_i (x) xe_i]
 //      formed on the fly (gradient) or V = alpha (mat-vec); near pairs of the gradient add -w alpha_i,k u_l.
-// The output is the (rows, width) accumulator; the host turns it into G_j = acc_alpha,j (x) zc_j - acc_V,j and
-// folds the AGOP with a GEMM. Nothing of size m x n is stored.
+// The output is the (rows, width) accumulator; the core turns it into G~_j = acc_alpha,j (x) ue_j - acc_V,j.
+// Nothing of size m x n is stored.
 #pragma once
 
 #include <cuda_runtime.h>
 
 #include <cstdint>
-
-#include "../pair_args.h"
 
 namespace rfm_fast::cuda {
 
@@ -28,44 +28,44 @@ constexpr int kPairsPerThread = kRows * kCols / kThreads;
 
 template <typename T>
 struct TileArgs {
-  const T* zc;     // (m, d) Euclidean, centred
-  const T* xc;     // (n, d)
-  const T* zn;     // (m,) ||zc||^2
+  const T* ze;     // (m, r) scaled expansion coordinates
+  const T* xe;     // (n, r)
+  const T* zn;     // (m,) ||ze||^2
   const T* xn;     // (n,)
-  const T* z;      // (m, d) original
+  const T* bz;     // (m,) near bound terms
+  const T* bx;     // (n,)
+  const T* z;      // (m, d) original points
   const T* x;      // (n, d)
-  const T* S;      // nullptr, (d,) or (d, d)
+  const T* F;      // (d, r) scaled factor, or nullptr for the identity times sigma
   const T* alpha;  // (n, c)
-  MetricKind kind;
   bool direct;     // every pair from its exact difference
-  int64_t row0, rows, n, d, c, width;
-  T scale, rtol;
+  int64_t row0, rows, n, d, r, c, width;
+  T sigma;
   T* out;          // (rows, width)
 };
 
-// l-th coordinate of u = (z_j - x_i) S.
+// l-th coordinate of u = (z_j - x_i) F (or (z_j - x_i) sigma).
 template <typename T>
 __device__ __forceinline__ T metric_coordinate(const TileArgs<T>& a, const T* zj, const T* xi, int64_t l) {
-  if (a.kind == MetricKind::Dense) {
+  if (a.F != nullptr) {
     T u = T(0);
-    for (int64_t k = 0; k < a.d; ++k) u += (zj[k] - xi[k]) * a.S[k * a.d + l];
+    for (int64_t k = 0; k < a.d; ++k) u += (zj[k] - xi[k]) * a.F[k * a.r + l];
     return u;
   }
-  const T diff = zj[l] - xi[l];
-  return a.kind == MetricKind::Diagonal ? diff * a.S[l] : diff;
+  return (zj[l] - xi[l]) * a.sigma;
 }
 
 template <typename T>
 __device__ T exact_squared_distance(const TileArgs<T>& a, const T* zj, const T* xi) {
   T sq = T(0);
-  for (int64_t l = 0; l < a.d; ++l) {
+  for (int64_t l = 0; l < a.r; ++l) {
     const T u = metric_coordinate(a, zj, xi, l);
     sq += u * u;
   }
   return sq;
 }
 
-// s = scale * r^2 > 0. Gradient weight up to -1/L^2: laplace e^{-sqrt s}/sqrt s, gaussian e^{-s}.
+// s > 0. Gradient weight: laplace e^{-sqrt s}/sqrt s, gaussian e^{-s}.
 template <typename T, bool Laplace>
 __device__ __forceinline__ T gradient_weight(T s) {
   if (Laplace) {
@@ -93,11 +93,11 @@ __global__ void __launch_bounds__(kThreads) fused_tiles_kernel(const TileArgs<T>
   const int64_t r_base = static_cast<int64_t>(blockIdx.x) * kRows;
   const int64_t o = static_cast<int64_t>(blockIdx.y) * kThreads + t;
   const bool owns = o < a.width;
-  // Column o of V: alpha column ak, times coordinate al of xc when al >= 0 (the gradient's alpha (x) xc part).
+  // Column o of V: alpha column ak, times coordinate al of xe when al >= 0 (the gradient's alpha (x) xe part).
   int64_t ak = o, al = -1;
   if (Gradient && owns && o >= a.c) {
-    ak = (o - a.c) / a.d;
-    al = (o - a.c) % a.d;
+    ak = (o - a.c) / a.r;
+    al = (o - a.c) % a.r;
   }
   T acc[kRows];
 #pragma unroll
@@ -110,16 +110,16 @@ __global__ void __launch_bounds__(kThreads) fused_tiles_kernel(const TileArgs<T>
 #pragma unroll
     for (int q = 0; q < kPairsPerThread; ++q) dot[q] = T(0);
     if (!a.direct) {
-      for (int64_t k0 = 0; k0 < a.d; k0 += kDepth) {
+      for (int64_t k0 = 0; k0 < a.r; k0 += kDepth) {
         for (int e = t; e < kRows * kDepth; e += kThreads) {
           const int r = e / kDepth, kk = e % kDepth;
           const int64_t row = r_base + r, col = k0 + kk;
-          zs[r][kk] = (row < a.rows && col < a.d) ? a.zc[(a.row0 + row) * a.d + col] : T(0);
+          zs[r][kk] = (row < a.rows && col < a.r) ? a.ze[(a.row0 + row) * a.r + col] : T(0);
         }
         for (int e = t; e < kCols * kDepth; e += kThreads) {
           const int i = e / kDepth, kk = e % kDepth;
           const int64_t ci = i0 + i, col = k0 + kk;
-          xs[i][kk] = (ci < a.n && col < a.d) ? a.xc[ci * a.d + col] : T(0);
+          xs[i][kk] = (ci < a.n && col < a.r) ? a.xe[ci * a.r + col] : T(0);
         }
         __syncthreads();
 #pragma unroll 8
@@ -143,12 +143,11 @@ __global__ void __launch_bounds__(kThreads) fused_tiles_kernel(const TileArgs<T>
         bool near = a.direct;
         T sq = T(0);
         if (!near) {
-          const T norms = a.zn[j] + a.xn[ci];
-          sq = norms - T(2) * dot[q];
-          near = sq <= a.rtol * norms;
+          sq = a.zn[j] + a.xn[ci] - T(2) * dot[q];
+          near = sq <= a.bz[j] + a.bx[ci];
         }
         if (near) {
-          const T s = exact_squared_distance(a, a.z + j * a.d, a.x + ci * a.d) * a.scale;
+          const T s = exact_squared_distance(a, a.z + j * a.d, a.x + ci * a.d);
           if (Gradient) {
             if (s > T(0)) {  // a pair at distance 0 contributes 0
               const int slot = atomicAdd(&near_count, 1);
@@ -159,8 +158,7 @@ __global__ void __launch_bounds__(kThreads) fused_tiles_kernel(const TileArgs<T>
             value = kernel_value<T, Laplace>(s);
           }
         } else {
-          const T s = sq * a.scale;
-          value = Gradient ? gradient_weight<T, Laplace>(s) : kernel_value<T, Laplace>(s);
+          value = Gradient ? gradient_weight<T, Laplace>(sq) : kernel_value<T, Laplace>(sq);
         }
       }
       tile[r][pair_col] = value;
@@ -171,7 +169,7 @@ __global__ void __launch_bounds__(kThreads) fused_tiles_kernel(const TileArgs<T>
       for (int i = 0; i < count; ++i) {
         const int64_t ci = i0 + i;
         T v = a.alpha[ci * a.c + ak];
-        if (Gradient && al >= 0) v *= a.xc[ci * a.d + al];
+        if (Gradient && al >= 0) v *= a.xe[ci * a.r + al];
 #pragma unroll
         for (int r = 0; r < kRows; ++r) acc[r] += tile[r][i] * v;
       }

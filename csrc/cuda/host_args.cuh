@@ -1,5 +1,5 @@
-// Host-side helpers shared by the CUDA ops: argument checks, the kernel's argument block, and the dispatch over
-// dtype and kernel of launch_fused_tiles.
+// Host-side helpers shared by the CUDA ops: the kernel's argument block and the dispatch over kernel of
+// launch_fused_tiles.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -10,51 +10,37 @@
 #include <torch/library.h>
 
 #include <optional>
-#include <string>
 
 #include "../checks.h"
 #include "fused_tiles.cuh"
 
 namespace rfm_fast::cuda {
 
-struct Prepared {
-  at::Tensor zn, xn;
-  MetricKind kind;
-  bool laplace;
-};
-
-inline Prepared prepare(const at::Tensor& zc, const at::Tensor& xc, const at::Tensor& alpha, const at::Tensor& z,
-                        const at::Tensor& x, const std::optional<at::Tensor>& S, const std::string& kernel,
-                        int64_t tile_rows) {
-  TORCH_CHECK(zc.is_cuda(), "rfm_fast: the CUDA op got tensors on ", zc.device());
-  const MetricKind kind = check_pair_args(zc, xc, alpha, z, x, S);
-  TORCH_CHECK(tile_rows > 0, "rfm_fast: tile_rows must be positive");
-  return {(zc * zc).sum(1), (xc * xc).sum(1), kind, is_laplace(kernel)};
-}
-
 template <typename T>
-TileArgs<T> tile_args(const Prepared& p, const at::Tensor& zc, const at::Tensor& xc, const at::Tensor& alpha,
-                      const at::Tensor& z, const at::Tensor& x, const std::optional<at::Tensor>& S, bool direct,
-                      double scale, double rtol, int64_t width) {
+TileArgs<T> tile_args(const at::Tensor& ze, const at::Tensor& xe, const at::Tensor& zn, const at::Tensor& xn,
+                      const at::Tensor& bz, const at::Tensor& bx, const at::Tensor& alpha, const at::Tensor& z,
+                      const at::Tensor& x, const std::optional<at::Tensor>& F, double sigma, bool direct,
+                      int64_t width) {
   TileArgs<T> a;
-  a.zc = zc.data_ptr<T>();
-  a.xc = xc.data_ptr<T>();
-  a.zn = p.zn.data_ptr<T>();
-  a.xn = p.xn.data_ptr<T>();
+  a.ze = ze.data_ptr<T>();
+  a.xe = xe.data_ptr<T>();
+  a.zn = zn.data_ptr<T>();
+  a.xn = xn.data_ptr<T>();
+  a.bz = bz.data_ptr<T>();
+  a.bx = bx.data_ptr<T>();
   a.z = z.data_ptr<T>();
   a.x = x.data_ptr<T>();
-  a.S = S.has_value() ? S->data_ptr<T>() : nullptr;
+  a.F = F.has_value() ? F->data_ptr<T>() : nullptr;
   a.alpha = alpha.data_ptr<T>();
-  a.kind = p.kind;
   a.direct = direct;
   a.row0 = 0;
   a.rows = 0;
-  a.n = xc.size(0);
-  a.d = zc.size(1);
+  a.n = xe.size(0);
+  a.d = z.size(1);
+  a.r = ze.size(1);
   a.c = alpha.size(1);
   a.width = width;
-  a.scale = static_cast<T>(scale);
-  a.rtol = static_cast<T>(rtol);
+  a.sigma = static_cast<T>(sigma);
   a.out = nullptr;
   return a;
 }

@@ -1,6 +1,6 @@
 """The public ops: kernel matrix, kernel mat-vec, predictor gradient and AGOP.
 
-Conventions (../CONVENTIONS.md): evaluation points x (m, d), centres (n, d), coefficients alpha (n, c) or (n,),
+Conventions (docs/maths.md): evaluation points x (m, d), centres (n, d), coefficients alpha (n, c) or (n,),
 bandwidth L > 0, M None / (d,) diagonal / (d, d) symmetric PSD, ||u||_M = sqrt(u^T M u);
 laplace k = exp(-||z - x||_M / L), gaussian k = exp(-||z - x||_M^2 / (2 L^2)).
 
@@ -20,30 +20,43 @@ from __future__ import annotations
 
 from typing import Any, Optional
 
+import torch
+
 from .._config import memory_budget as resolve_budget
 from .._dispatch import choose
 from .._validation import Problem, check_flag, prepare
+from ..core.autograd import KernelMatrixFunction, KernelMvFunction, needs_grad
 
 
-def _run(op: str, problem: Problem, backend: str, memory_budget, **options):
-    impl = choose(op, problem, backend)
-    args = [problem.x, problem.centers]
-    if problem.alpha is not None:
-        args.append(problem.alpha)
-    args += [problem.M, problem.kernel, problem.bandwidth]
-    if impl.takes_budget:
-        options["memory_budget"] = resolve_budget(memory_budget)
-    return impl.function(op)(*args, **options)
+def _run(op: str, problem: Problem, backend: str, budget: int, **options):
+    return choose(op, problem, backend).function(op)(problem, budget, **options)
+
+
+def _no_autograd(op: str, problem: Problem) -> None:
+    if needs_grad(problem.x, problem.centers, problem.alpha, problem.M):
+        raise RuntimeError(f"{op} is not differentiable: call it on detached tensors (x.detach(), "
+                           "centers.detach(), alpha.detach()) or under torch.no_grad(); kernel_matrix and kernel_mv "
+                           "support autograd")
+
+
+def _check_M_grad(problem: Problem) -> None:
+    if isinstance(problem.M, torch.Tensor) and problem.M.requires_grad and torch.is_grad_enabled():
+        raise RuntimeError("gradients with respect to M are not supported: pass M.detach()")
 
 
 def kernel_matrix(x: Any, centers: Any, *, kernel: str = "laplace", bandwidth: float = 1.0, M: Any = None,
                   backend: str = "auto", memory_budget: Optional[int | str] = None) -> Any:
     """Kernel matrix K[j, i] = k_M(x_j, centers_i).
 
-    x: (m, d), centers: (n, d) -> (m, n). The output is the only O(m n) allocation.
+    x: (m, d), centers: (n, d) -> (m, n). The output is the only O(m n) allocation. Differentiable with respect
+    to x and centers (torch tensors that require grad).
     """
     problem = prepare(x, centers, None, M, kernel, bandwidth, need_alpha=False)
-    return problem.output(_run("kernel_matrix", problem, backend, memory_budget))
+    budget = resolve_budget(memory_budget)
+    _check_M_grad(problem)
+    if needs_grad(problem.x, problem.centers):
+        return KernelMatrixFunction.apply(problem.x, problem.centers, problem, backend, budget)
+    return problem.output(_run("kernel_matrix", problem, backend, budget))
 
 
 def kernel_mv(x: Any, centers: Any, alpha: Any, *, kernel: str = "laplace", bandwidth: float = 1.0, M: Any = None,
@@ -51,9 +64,15 @@ def kernel_mv(x: Any, centers: Any, alpha: Any, *, kernel: str = "laplace", band
     """Kernel predictor f(x_j) = sum_i alpha_i k_M(x_j, centers_i), i.e. K(x, centers) @ alpha.
 
     x: (m, d), centers: (n, d), alpha: (n, c) -> (m, c); alpha (n,) -> (m,). No m x n matrix is formed.
+    Differentiable with respect to x, centers and alpha (torch tensors that require grad).
     """
     problem = prepare(x, centers, alpha, M, kernel, bandwidth, need_alpha=True, allow_half=True)
-    out = _run("kernel_mv", problem, backend, memory_budget)
+    budget = resolve_budget(memory_budget)
+    _check_M_grad(problem)
+    if needs_grad(problem.x, problem.centers, problem.alpha):
+        out = KernelMvFunction.apply(problem.x, problem.centers, problem.alpha, problem, backend, budget)
+    else:
+        out = _run("kernel_mv", problem, backend, budget)
     return problem.output(out[:, 0] if problem.squeeze_c else out)
 
 
@@ -64,10 +83,12 @@ def kernel_grad(x: Any, centers: Any, alpha: Any, *, kernel: str = "laplace", ba
         laplace:  J(z) = sum_i alpha_i (-(1/L) k / ||z - x_i||_M) (M (z - x_i))^T   (0 for z = x_i)
         gaussian: J(z) = sum_i alpha_i (-(1/L^2) k) (M (z - x_i))^T
 
-    x: (m, d), centers: (n, d), alpha: (n, c) -> (m, c, d); alpha (n,) -> (m, d).
+    x: (m, d), centers: (n, d), alpha: (n, c) -> (m, c, d); alpha (n,) -> (m, d). Not differentiable itself
+    (raises on inputs that require grad).
     """
     problem = prepare(x, centers, alpha, M, kernel, bandwidth, need_alpha=True, allow_half=True)
-    out = _run("kernel_grad", problem, backend, memory_budget)
+    _no_autograd("kernel_grad", problem)
+    out = _run("kernel_grad", problem, backend, resolve_budget(memory_budget))
     return problem.output(out[:, 0] if problem.squeeze_c else out)
 
 
@@ -77,15 +98,17 @@ def agop(x: Any, centers: Any, alpha: Any, *, kernel: str = "laplace", bandwidth
     """Average gradient outer product of the predictor over the evaluation points x:
 
         AGOP = (1/m) sum_j J(x_j)^T J(x_j)                       (d, d), symmetric PSD
-        centered=True: subtract mu^T mu, mu = (1/m) sum_j J(x_j)  (the gradients' covariance)
+        centered=True: the gradients' covariance, (1/m) sum_j (J_j - mu)^T (J_j - mu), mu = (1/m) sum_j J_j
         diag=True: return only the diagonal, (d,)
 
     x: (m >= 1, d), centers: (n, d), alpha: (n, c) or (n,). Neither the m x n weights nor the m x c x d gradients
     are held whole by the streaming backends. The RFM rescaling of M (by its max entry, or the square root of
-    Deep RFM) belongs to the models, not to this op.
+    Deep RFM) belongs to the models, not to this op. Not differentiable (raises on inputs that require grad).
     """
     centered = check_flag("centered", centered)
     diag = check_flag("diag", diag)
     problem = prepare(x, centers, alpha, M, kernel, bandwidth, need_alpha=True, allow_half=True,
                       allow_empty_x=False)
-    return problem.output(_run("agop", problem, backend, memory_budget, centered=centered, diag=diag))
+    _no_autograd("agop", problem)
+    return problem.output(_run("agop", problem, backend, resolve_budget(memory_budget), centered=centered,
+                               diag=diag))

@@ -1,7 +1,7 @@
 """Reference AGOP from the formula (CONVENTIONS.md):
 
     AGOP = (1/m) sum_j J(z_j)^T J(z_j)          (d, d)
-    centred: (1/m) sum_j J_j^T J_j - mu^T mu,   mu = (1/m) sum_j J_j
+    centred: (1/m) sum_j (J_j - mu)^T (J_j - mu),   mu = (1/m) sum_j J_j   (two passes: nothing cancels)
     diagonal: the diagonal of the above, (d,)
 
 J comes from the reference gradient, materialised whole: (m, c, d). Slow, obviously right, float64-capable.
@@ -20,8 +20,7 @@ def agop(z: torch.Tensor, x: torch.Tensor, alpha: torch.Tensor, M: Optional[torc
          bandwidth: float, centered: bool = False, diag: bool = False) -> torch.Tensor:
     J = kernel_grad(z, x, alpha, M, kernel, bandwidth)
     m = J.shape[0]
-    A = torch.einsum("mcd,mce->de", J, J) / m
     if centered:
-        mu = J.mean(0)
-        A = A - mu.T @ mu
+        J = J - J.mean(0)
+    A = torch.einsum("mcd,mce->de", J, J) / m
     return torch.diagonal(A).clone() if diag else A

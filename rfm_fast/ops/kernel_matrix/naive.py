@@ -3,7 +3,9 @@
     laplace:  k_M(z, x) = exp(-||z - x||_M / L)
     gaussian: k_M(z, x) = exp(-||z - x||_M^2 / (2 L^2)),   ||u||_M = sqrt(u^T M u)
 
-M is None (identity), a (d,) diagonal or a (d, d) symmetric PSD matrix. Works on any device and dtype.
+M is None (identity), a (d,) diagonal or a (d, d) symmetric PSD matrix, used through its positive semi-definite
+part: eigenvalues below zero (the rounding of a PSD matrix stored in float32 leaves some at -eps * e_max) are
+clipped to 0, as in every backend. Works on any device and dtype.
 """
 
 from __future__ import annotations
@@ -21,7 +23,11 @@ def metric_matrix(M: Optional[torch.Tensor], d: int, like: torch.Tensor) -> torc
     if M is None:
         return torch.eye(d, dtype=like.dtype, device=like.device)
     M = M.to(dtype=like.dtype, device=like.device)
-    return torch.diag(M) if M.ndim == 1 else M
+    if M.ndim == 1:
+        return torch.diag(M.clamp_min(0))
+    M64 = M.to(torch.float64)
+    evals, evecs = torch.linalg.eigh(0.5 * (M64 + M64.T))
+    return ((evecs * evals.clamp_min(0)) @ evecs.T).to(M.dtype)
 
 
 def pair_differences(z: torch.Tensor, x: torch.Tensor) -> Iterator[tuple[slice, torch.Tensor]]:

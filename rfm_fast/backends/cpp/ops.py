@@ -1,0 +1,44 @@
+"""The four ops on the kernel core with the compiled elementwise pass: the core fills each tile's distances by GEMM
+and the compiled op does the near test and the values (or gradient weights) in one vectorised pass, returning the
+near pairs for the core's exact recomputation."""
+
+from __future__ import annotations
+
+import torch
+
+from ... import _ext
+from ...core import ops as core
+from ...core.kernels import KernelSpec
+
+
+class CompiledPass:
+    """``ElementwisePass`` through ``torch.ops.rfm_fast.tile_pass_``; the kernel description's sign and formula
+    choice are passed as arguments."""
+
+    def __call__(self, tile, bz, bx, spec: KernelSpec, gradient: bool):
+        return torch.ops.rfm_fast.tile_pass_(tile, bz, bx, spec.tile_sign, spec.laplace, gradient)
+
+
+_pass = core.pass_evaluator(CompiledPass())
+
+
+def _spec(problem) -> KernelSpec:
+    _ext.load()
+    return KernelSpec(problem.kernel, problem.bandwidth)
+
+
+def kernel_matrix(problem, budget: int):
+    return core.kernel_matrix(problem.x, problem.centers, problem.M, _spec(problem), budget, _pass)
+
+
+def kernel_mv(problem, budget: int):
+    return core.kernel_mv(problem.x, problem.centers, problem.alpha, problem.M, _spec(problem), budget, _pass)
+
+
+def kernel_grad(problem, budget: int):
+    return core.kernel_grad(problem.x, problem.centers, problem.alpha, problem.M, _spec(problem), budget, _pass)
+
+
+def agop(problem, budget: int, *, centered: bool, diag: bool):
+    return core.agop(problem.x, problem.centers, problem.alpha, problem.M, _spec(problem), budget, _pass,
+                     centered=centered, diag=diag)

@@ -1,0 +1,270 @@
+"""One preparation of the points for every schedule and backend: metric factor, centring, scaled coordinates.
+
+For evaluation points z (m, d) and centres x (n, d), ``Geometry`` holds, once per call:
+
+* the metric factor F (M = F F^T, rank r; ``rfm_fast.core.metric``), with the bandwidth folded into the scaled
+  coordinates u = (t - c) F sigma (``KernelSpec.coord_scale``), so a pair's kernel argument is s = ||u_z - u_x||^2;
+* the centring point c (the centres' mean), subtracted *before* the transform, so that the rounding of the
+  transform and of the expanded distances scales with the data's spread, not with its offset from the origin;
+* the coordinates split in two parts (docs/maths.md, "Near pairs"):
+  - ``direct`` coordinates, formed in compensated precision (float32 hi + lo, or float64) and used as exact
+    differences: all r of them when r <= DIRECT_MAX_R, else the data's leading 1-2 principal directions when they
+    hold all but a sliver of its spread (a near-rank-1 learned M);
+  - ``expansion`` coordinates (the rest), whose distances come from one GEMM per tile as
+    ||u_z||^2 + ||u_x||^2 - 2 u_z.u_x;
+* per frame, the expansion coordinates, their squared norms, and the near bound terms b = near_rtol * ||u_e||^2
+  + direct_rtol * ||u_t||^2, so that a pair (j, i) is *near* when its computed s <= b_z[j] + b_x[i]: its distance is
+  then recomputed exactly from the original points (``exact``), which gives exactly 0 for equal points;
+* the order of the points (``perm_z``, ``perm_x``) and the frames of the pairs (``segments``).
+
+Everything else (tiles, schedules, backends) reads these arrays; none of them re-derives a rule.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import NamedTuple, Optional
+
+import torch
+
+from .kernels import KernelSpec
+from .metric import MetricFactor
+
+# At or below this rank every coordinate is formed directly: as cheap as the GEMM and free of its cancellation.
+DIRECT_MAX_R = 4
+# Leading directions taken direct for r > DIRECT_MAX_R when the rest holds at most this share of the spread:
+# the near bound of the expanded part then shrinks by that factor (near radius by its square root).
+HYBRID_MAX_K = 2
+HYBRID_REST_SHARE = 2.0**-8
+# The decision and the rotation come from the spread of at most this many centres (spaced evenly in their order).
+HYBRID_SAMPLE = 4096
+# Exact recomputations are formed this many elements at a time (bounded working memory).
+EXACT_CHUNK_ELEMS = 2**20
+
+
+def same_points(z: torch.Tensor, x: torch.Tensor) -> bool:
+    """z and x hold the same rows, bit for bit (the same tensor, or an equal copy: O(n d), once per call)."""
+    if z.shape != x.shape or z.dtype != x.dtype or z.device != x.device:
+        return False
+    if z.data_ptr() == x.data_ptr() and z.stride() == x.stride():
+        return True
+    return bool(torch.equal(z, x))
+
+
+@dataclass
+class Frame:
+    """Expansion coordinates of all rows and columns in one centring frame, with squared norms and near bounds."""
+
+    ze: torch.Tensor  # (m, re)
+    xe: torch.Tensor  # (n, re)
+    zn: torch.Tensor  # (m,)  ||ze||^2
+    xn: torch.Tensor  # (n,)
+    bz: torch.Tensor  # (m,)  near bound terms
+    bx: torch.Tensor  # (n,)
+
+
+class Segment(NamedTuple):
+    """A rectangle of a tile whose pairs are all evaluated in one frame (absolute slices, permuted order)."""
+
+    rows: slice
+    cols: slice
+    frame: int
+
+
+class Geometry:
+    """Prepared points of one op call; see the module docstring. Built by :meth:`build`."""
+
+    def __init__(self, spec: KernelSpec, factor: MetricFactor, z: torch.Tensor, x: torch.Tensor, same: bool,
+                 frames: list, zt: Optional[tuple], xt: Optional[tuple], kdir: int,
+                 perm_z: Optional[torch.Tensor], perm_x: Optional[torch.Tensor]):
+        self.spec, self.factor = spec, factor
+        self.z, self.x = z, x  # original points, permuted, contiguous (exact recomputation)
+        self.same = same
+        self.frames = frames
+        self.zt, self.xt = zt, xt  # direct coordinates (hi, lo or None), each (m, kdir) / (n, kdir)
+        self.kdir = kdir
+        self.perm_z, self.perm_x = perm_z, perm_x
+        self.dtype, self.device = z.dtype, z.device
+        self.m, self.n, self.d = z.shape[0], x.shape[0], z.shape[1]
+        self.r = factor.r
+        self.re = self.r - kdir
+
+    @classmethod
+    def build(cls, z: torch.Tensor, x: torch.Tensor, M: Optional[torch.Tensor], spec: KernelSpec, *,
+              precision: Optional[str] = None, allow_direct: bool = True, allow_frames: bool = True) -> "Geometry":
+        """Prepare z (m, d), x (n, d) (one float dtype and device) for ``spec``. ``precision="tf32"`` selects the
+        near threshold of tf32 products (Triton); ``allow_direct=False`` keeps every coordinate in the expansion
+        and ``allow_frames=False`` one centring frame (for kernels that have neither)."""
+        same = same_points(z, x)
+        dtype, device = z.dtype, z.device
+        factor = MetricFactor.from_matrix(M, z.shape[1], dtype, device)
+        x = x.contiguous()
+        z = x if same else z.contiguous()
+        centre = x.to(torch.float64).mean(0, keepdim=True) if x.shape[0] else x.new_zeros(1, x.shape[1],
+                                                                                          dtype=torch.float64)
+        centre_w = centre.to(dtype)
+        xs = x - centre_w
+        zs = xs if same else z - centre_w
+        sigma = spec.coord_scale
+        kdir = 0
+        if allow_direct:
+            if factor.r <= DIRECT_MAX_R:
+                kdir = factor.r
+            else:
+                factor, kdir = _hybrid(factor, xs, sigma)
+        ue_x = factor.transform(xs, sigma)
+        ue_z = ue_x if same else factor.transform(zs, sigma)
+        _check_range(ue_x, "centers")
+        if not same:
+            _check_range(ue_z, "x")
+        zt = xt = None
+        rtol_e = spec.near_rtol(dtype, precision)
+        rtol_d = spec.direct_rtol(dtype)
+        tn_x = tn_z = None
+        if kdir:
+            zt, xt = compensated_pair(z, x, same, centre, factor, sigma, dtype, kdir)
+            tn_x = (xt[0] * xt[0]).sum(1)
+            tn_z = tn_x if same else (zt[0] * zt[0]).sum(1)
+        xe = ue_x[:, kdir:].contiguous()
+        ze = xe if same else ue_z[:, kdir:].contiguous()
+        frame = _frame(ze, xe, same, rtol_e, rtol_d, tn_z, tn_x)
+        return cls(spec, factor, z, x, same, [frame], zt, xt, kdir, None, None)
+
+    # ---- pairs and frames -------------------------------------------------------------------------------
+    @property
+    def degenerate(self) -> bool:
+        """M = 0 (rank 0): every distance is 0."""
+        return self.r == 0
+
+    def segments(self, rows: slice, cols: slice) -> list:
+        """The rectangles of tile (rows, cols) with the frame each is evaluated in."""
+        return [Segment(rows, cols, 0)]
+
+    def exact(self, r_idx: torch.Tensor, c_idx: torch.Tensor, with_diff: bool = False):
+        """Exact s (and, with ``with_diff``, u_z - u_x in the factor's coordinates, (k, r)) of the pairs
+        (z[r_idx], x[c_idx]) (permuted indices), from the original points in float64: exactly 0 for equal
+        points, whatever the magnitude of the data."""
+        k = r_idx.shape[0]
+        s = torch.empty(k, dtype=torch.float64, device=self.device)
+        diff = torch.empty(k, self.r, dtype=torch.float64, device=self.device) if with_diff else None
+        step = max(1, EXACT_CHUNK_ELEMS // max(1, self.d))
+        for start in range(0, k, step):
+            part = slice(start, start + step)
+            raw = self.z[r_idx[part]].to(torch.float64) - self.x[c_idx[part]].to(torch.float64)
+            u = self.factor.transform(raw, self.spec.coord_scale)
+            s[part] = (u * u).sum(1)
+            if with_diff:
+                diff[part] = u
+        return (s, diff) if with_diff else s
+
+    def rows_subset(self, idx: torch.Tensor) -> "Geometry":
+        """The geometry of the evaluation points z[idx] (permuted indices) against the same centres: shares every
+        centre-side array (the sample of the shifted centring, ``rfm_fast.core.agop``)."""
+        frames = [Frame(f.ze[idx], f.xe, f.zn[idx], f.xn, f.bz[idx], f.bx) for f in self.frames]
+        zt = None if self.zt is None else tuple(None if t is None else t[idx] for t in self.zt)
+        sub = Geometry(self.spec, self.factor, self.z[idx], self.x, False, frames, zt, self.xt, self.kdir, None,
+                       self.perm_x)
+        return sub
+
+    # ---- back to the input coordinates ------------------------------------------------------------------
+    def gradient_to_input(self, G: torch.Tensor) -> torch.Tensor:
+        """Raw gradients G~ (..., r) -> J (..., d) = gamma G~ F^T."""
+        return self.factor.to_input(G) * self.spec.grad_scale
+
+    def agop_to_input(self, A: torch.Tensor) -> torch.Tensor:
+        """Raw AGOP A~ = (1/m) sum G~^T G~ (r, r, float64) -> gamma^2 F A~ F^T (d, d)."""
+        return self.factor.agop_to_input(A) * self.spec.grad_scale**2
+
+    def unpermute_rows(self, out: torch.Tensor) -> torch.Tensor:
+        """Rows of an output computed in the permuted order of z, put back in the caller's order."""
+        if self.perm_z is None:
+            return out
+        result = torch.empty_like(out)
+        result[self.perm_z] = out
+        return result
+
+    def permute_alpha(self, alpha: torch.Tensor) -> torch.Tensor:
+        """alpha (n, c) in the permuted order of the centres."""
+        return alpha if self.perm_x is None else alpha[self.perm_x]
+
+
+def _frame(ze, xe, same, rtol_e, rtol_d, tn_z, tn_x) -> Frame:
+    xn = (xe * xe).sum(1)
+    zn = xn if same else (ze * ze).sum(1)
+    bx = rtol_e * xn
+    bz = bx if same else rtol_e * zn
+    if tn_x is not None:
+        bx = bx + rtol_d * tn_x
+        bz = bx if same else bz + rtol_d * tn_z
+    return Frame(ze, xe, zn, xn, bz.contiguous(), bx.contiguous())
+
+
+def _check_range(u: torch.Tensor, name: str) -> None:
+    """Squared norms of the scaled coordinates must stay finite in the working dtype."""
+    if u.numel() == 0:
+        return
+    biggest = float(u.abs().max())
+    limit = torch.finfo(u.dtype).max ** 0.5 / 8
+    if not biggest <= limit:
+        raise ValueError(f"{name} spans {biggest:.3g} bandwidths from its mean, more than {u.dtype} can square "
+                         f"(at most {limit:.3g}): use float64 inputs or a larger bandwidth")
+
+
+def compensated_pair(z: torch.Tensor, x: torch.Tensor, same: bool, centre: torch.Tensor, factor: MetricFactor,
+                     sigma: float, dtype: torch.dtype, k: Optional[int] = None) -> tuple:
+    """Scaled coordinates ((t - c) F sigma, the first ``k`` of them, default all) of z and x in float64, returned
+    as (hi, lo) pairs in ``dtype`` (lo None for float64) whose sum carries the float64 value to ~2^-48: their
+    differences (hi_z - hi_x) + (lo_z - lo_x) keep near pairs' digits.
+
+    Equal rows of z and x map to bit-equal coordinates: a GEMM does not promise one summation order for all its
+    rows (measured: MKL on an AMD EPYC gave equal float64 rows of one product different last bits, at d = 17),
+    so the distinct rows are transformed once (torch.unique) and gathered back."""
+    head = factor if k is None or k == factor.r else MetricFactor("dense", factor.d, k,
+                                                                  dense=factor.as_dense(z.device)[:, :k])
+    both = x if same else torch.cat([z, x])
+    if head.kind == "dense":
+        distinct, inverse = torch.unique(both, dim=0, return_inverse=True)
+        wide = head.transform(distinct.to(torch.float64) - centre, sigma)[inverse]
+    else:
+        wide = head.transform(both.to(torch.float64) - centre, sigma)
+    hi = wide.to(dtype)
+    lo = (wide - hi.to(torch.float64)).to(dtype) if dtype != torch.float64 else None
+    if same:
+        return (hi, lo), (hi, lo)
+    m = z.shape[0]
+    split = (lambda t: (None, None) if t is None else (t[:m].contiguous(), t[m:].contiguous()))
+    (zh, xh), (zl, xl) = split(hi), split(lo)
+    return (zh, zl), (xh, xl)
+
+
+def _hybrid(factor: MetricFactor, xs: torch.Tensor, sigma: float) -> tuple:
+    """(factor, k): the factor rotated so the data's k leading principal directions come first, when k <= 2 of
+    them hold all but HYBRID_REST_SHARE of the centres' spread; else (factor, 0). The test costs a few products
+    with the coordinates of a sample of centres (block power iteration); the rotation is computed only when it
+    pays."""
+    n = xs.shape[0]
+    if n < 8:
+        return factor, 0
+    if n > HYBRID_SAMPLE:
+        xs = xs[torch.linspace(0, n - 1, HYBRID_SAMPLE, device=xs.device).long()]
+    u = factor.transform(xs.to(torch.float64), sigma)
+    u = u - u.mean(0, keepdim=True)
+    total = float((u * u).sum())
+    if not total > 0:
+        return factor, 0
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    V = torch.randn(u.shape[1], HYBRID_MAX_K + 2, generator=gen, dtype=torch.float64).to(u.device)
+    for _ in range(6):
+        V, _ = torch.linalg.qr(u.T @ (u @ V))
+    energy = ((u @ V) ** 2).sum(0)  # Rayleigh quotients of the (nearly converged) leading directions
+    lead = torch.sort(energy, descending=True).values
+    k = 0
+    for j in range(1, HYBRID_MAX_K + 1):
+        if 1.0 - float(lead[:j].sum()) / total <= HYBRID_REST_SHARE:
+            k = j
+            break
+    if k == 0:
+        return factor, 0
+    evals, evecs = torch.linalg.eigh(u.T @ u)
+    R = evecs.flip(1)
+    return factor.rotated(R), k

@@ -1,0 +1,224 @@
+"""Raw predictor gradients G~ block by block (docs/maths.md, "Computing it without n x m x d"), written once for
+every backend that works on tiles (torch passes, the compiled cpp pass, Triton's weight tiles).
+
+In scaled coordinates, with W the tile of gradient weights w_ji and, per frame, V = alpha (x) u_e (n x c r_e):
+    G~_j = [ (W alpha)_j (x) u_e,j - (W V)_j ]          (expansion coordinates: one GEMM per tile)
+         + [ ((W o D_k) alpha)_j ]_k                     (direct coordinates, D_k = t_jk - t_ik: c columns each)
+         + near field sum_i w(s_ji) alpha_i (x) (u_j - u_i)   (near pairs: weight 0 in W, added from the exact
+                                                               differences; pairs at distance 0 add nothing)
+and J = gamma G~ F^T (``Geometry.gradient_to_input``). Nothing of size m x n outlives a tile; V is built once when
+it fits in half the budget, else per tile.
+
+Schedules: ``one-sided`` (row blocks against column blocks) and ``symmetric`` (evaluation points equal to the
+centres: each tile between two blocks is computed once and applied to both, halving the distance GEMMs and the
+elementwise passes; ``rfm_fast.core.plan.SymmetricPlan``).
+"""
+
+from __future__ import annotations
+
+from typing import Iterator, Optional
+
+import torch
+
+from .geometry import Geometry
+from .plan import BudgetError, coefficients_whole, plan_symmetric, plan_tiles, strip_rows
+from .tiles import NearPairs, TileEvaluator, add_near_field
+
+
+def stacked_coefficients(alpha: torch.Tensor, ue: torch.Tensor) -> torch.Tensor:
+    """[alpha | alpha (x) u_e] as an (n, c + c r_e) matrix: the right-hand side of the weight GEMM."""
+    n, c = alpha.shape
+    re = ue.shape[1]
+    out = torch.empty(n, c + c * re, dtype=alpha.dtype, device=alpha.device)
+    out[:, :c] = alpha
+    if re:
+        torch.mul(alpha[:, :, None], ue[:, None, :], out=out[:, c:].view(n, c, re))
+    return out
+
+
+class _Coefficients:
+    """Right-hand sides [alpha | alpha (x) u_e] per frame: whole when they fit half the budget, else per slice."""
+
+    def __init__(self, geom: Geometry, alpha: torch.Tensor, budget: int):
+        self.geom, self.alpha = geom, alpha
+        c = alpha.shape[1]
+        self.width = c + c * geom.re
+        item = alpha.element_size()
+        self.whole = geom.re > 0 and coefficients_whole(geom.n, self.width, item, budget, len(geom.frames))
+        self.full = [stacked_coefficients(alpha, f.xe) for f in geom.frames] if self.whole else None
+        self.bytes = len(geom.frames) * geom.n * self.width * item if self.whole else 0
+
+    def __call__(self, frame: int, cols: slice) -> torch.Tensor:
+        if self.whole:
+            return self.full[frame][cols]
+        return stacked_coefficients(self.alpha[cols], self.geom.frames[frame].xe[cols])
+
+
+def _finish(geom: Geometry, rows: slice, acc: torch.Tensor, direct_acc: Optional[torch.Tensor], c: int,
+            out: torch.Tensor) -> torch.Tensor:
+    """G~ (R, c, r) of ``rows`` from the frame accumulators (F, R, width) and the direct ones (kdir, R, c)."""
+    R, re, k = rows.stop - rows.start, geom.re, geom.kdir
+    G = out[:R]
+    if re:
+        part = G[:, :, k:]
+        torch.mul(acc[0, :, :c, None], geom.frames[0].ze[rows, None, :], out=part)
+        part.sub_(acc[0, :, c:].view(R, c, re))
+        for f in range(1, len(geom.frames)):
+            part.addcmul_(acc[f, :, :c, None], geom.frames[f].ze[rows, None, :])
+            part.sub_(acc[f, :, c:].view(R, c, re))
+    if k:
+        G[:, :, :k] = direct_acc.permute(1, 2, 0)
+    return G
+
+
+def _add_near(geom, acc_rows, direct_rows, near: NearPairs, alpha_cols, sign=1.0, weights=None):
+    """Near-field contributions of one tile: expansion part subtracted from the V part of frame 0's accumulator
+    (G~ = (W alpha) u - W V + near), direct part added to the direct accumulator."""
+    k, c = geom.kdir, alpha_cols.shape[1]
+    R = acc_rows.shape[1]
+    if geom.re:
+        tmp = torch.zeros(R, c, geom.r, dtype=acc_rows.dtype, device=acc_rows.device)
+    else:
+        tmp = torch.zeros(R, c, k, dtype=acc_rows.dtype, device=acc_rows.device)
+    add_near_field(tmp, near, alpha_cols, geom.spec, sign=sign, weights=weights)
+    if geom.re:
+        acc_rows[0, :, c:].view(R, c, geom.re).sub_(tmp[:, :, k:])
+    if k:
+        direct_rows.add_(tmp[:, :, :k].permute(2, 0, 1))
+
+
+def gradient_blocks(geom: Geometry, alpha: torch.Tensor, evaluator: TileEvaluator, budget: int, *,
+                    scratch_cells: int = 0, pair_weights: Optional[torch.Tensor] = None
+                    ) -> Iterator[tuple[slice, torch.Tensor]]:
+    """Yield (rows, G~) per block of evaluation points (permuted order): G~ (R, c, r) raw gradients, a reused
+    buffer. ``alpha`` (n, c) in the permuted order of the centres. ``scratch_cells``: tile-sized scratch buffers
+    the evaluator needs (counted in the budget). ``pair_weights`` (m, n): multiply every w_ji by it (the
+    backward of kernel_matrix); one-sided schedule only."""
+    if geom.same and pair_weights is None:
+        plan = _symmetric_plan(geom, alpha.shape[1], alpha.element_size(), budget, scratch_cells)
+        if plan is not None:
+            yield from _symmetric(geom, alpha, evaluator, budget, plan, scratch_cells)
+            return
+    yield from _one_sided(geom, alpha, evaluator, budget, scratch_cells, pair_weights)
+
+
+def _one_sided(geom, alpha, evaluator, budget, scratch_cells, pair_weights):
+    m, n, c, r, k = geom.m, geom.n, alpha.shape[1], geom.r, geom.kdir
+    F = len(geom.frames)
+    item = alpha.element_size()
+    coeffs = _Coefficients(geom, alpha, budget)
+    width = coeffs.width
+    plan = plan_tiles(m, n, budget - coeffs.bytes, per_row=item * (F * width + 2 * c * r + k * c),
+                      per_col=0 if coeffs.whole or geom.re == 0 else F * width * item,
+                      per_cell=item * (1 + scratch_cells + k), device=alpha.device, what="a gradient tile")
+    dev, dt = alpha.device, alpha.dtype
+    tile_buf = torch.empty(plan.rows * plan.cols, dtype=dt, device=dev)
+    direct_buf = [torch.empty(plan.rows * plan.cols, dtype=dt, device=dev) for _ in range(k)]
+    acc_buf = torch.empty(F, plan.rows, width, dtype=dt, device=dev)
+    direct_acc_buf = torch.empty(k, plan.rows, c, dtype=dt, device=dev)
+    out_buf = torch.empty(plan.rows, c, r, dtype=dt, device=dev)
+    for rows in plan.row_blocks(m):
+        R = rows.stop - rows.start
+        acc = acc_buf[:, :R].zero_()
+        direct_acc = direct_acc_buf[:, :R].zero_()
+        for cols in plan.col_blocks(n):
+            size = R * (cols.stop - cols.start)
+            tile = tile_buf[:size].view(R, -1)
+            direct = [b[:size].view(R, -1) for b in direct_buf]
+            near = evaluator.evaluate(rows, cols, tile, gradient=True, direct=direct)
+            pw = None
+            if pair_weights is not None:
+                block = pair_weights[rows, cols]
+                tile.mul_(block)
+                pw = None if near is None else block[near.rows, near.cols]
+            if near is not None:
+                _add_near(geom, acc, direct_acc, near, alpha[cols], weights=pw)
+            if geom.re:
+                for seg in geom.segments(rows, cols):
+                    sub = tile[seg.rows.start - rows.start:seg.rows.stop - rows.start,
+                               seg.cols.start - cols.start:seg.cols.stop - cols.start]
+                    acc[seg.frame, seg.rows.start - rows.start:seg.rows.stop - rows.start].addmm_(
+                        sub, coeffs(seg.frame, seg.cols))
+            for q in range(k):
+                direct[q].mul_(tile)
+                direct_acc[q].addmm_(direct[q], alpha[cols])
+        yield rows, _finish(geom, rows, acc, direct_acc, c, out_buf)
+
+
+def _symmetric_plan(geom, c, item, budget, scratch_cells):
+    """Budget split of the symmetric schedule: the coefficients (whole if they fit half the budget, else two
+    block slices per frame), one block x block tile, per block row the strip buffers (scratch, direct
+    differences) and the output rows; the rest holds the group's accumulators."""
+    F, r, k = len(geom.frames), geom.r, geom.kdir
+    width = c + c * geom.re
+    whole = geom.re > 0 and coefficients_whole(geom.n, width, item, budget, F)
+    fixed = F * geom.n * width * item if whole else 0
+    strip = strip_rows(geom.device)
+    per_block_row = item * (strip * (scratch_cells + k) + c * r + (0 if whole or geom.re == 0 else 2 * F * width))
+    return plan_symmetric(geom.n, budget, fixed=fixed, per_block_cell=item, per_block_row=per_block_row,
+                          per_acc_row=item * (F * width + k * c), device=geom.device)
+
+
+def _symmetric(geom, alpha, evaluator, budget, plan, scratch_cells):
+    """gradient_blocks for z equal to x: the accumulators of a group of blocks are held at once, so a tile between
+    two blocks of the group is computed once and applied twice,
+        acc_I += W_IJ [alpha | V]_J   and   acc_J += W_IJ^T [alpha | V]_I,
+    near pairs and direct coordinates likewise from both sides. A group's gradients are yielded block by block
+    once all its column blocks are done."""
+    n, c, r, k = geom.n, alpha.shape[1], geom.r, geom.kdir
+    F = len(geom.frames)
+    dev, dt = alpha.device, alpha.dtype
+    coeffs = _Coefficients(geom, alpha, budget)
+    blocks = plan.blocks(n)
+    B = plan.block
+    strip = min(B, strip_rows(dev))
+    tile_buf = torch.empty(B * B, dtype=dt, device=dev)
+    direct_buf = [torch.empty(strip * B, dtype=dt, device=dev) for _ in range(k)]
+    rows_total = min(n, plan.group * B)
+    acc_buf = torch.empty(F, rows_total, coeffs.width, dtype=dt, device=dev)
+    direct_acc_buf = torch.empty(k, rows_total, c, dtype=dt, device=dev)
+    out_buf = torch.empty(B, c, r, dtype=dt, device=dev)
+
+    for group in plan.groups(len(blocks)):
+        g0 = blocks[group[0]].start
+        span = blocks[group[-1]].stop - g0
+        acc = acc_buf[:, :span].zero_()
+        direct_acc = direct_acc_buf[:, :span].zero_()
+        for I, J, mirrored in plan.pairs(group, len(blocks)):
+            rows, cols = blocks[I], blocks[J]
+            lc = slice(cols.start - g0, cols.stop - g0) if mirrored else None
+            nr, nc = rows.stop - rows.start, cols.stop - cols.start
+            tile = tile_buf[:nr * nc].view(nr, nc)
+            for s0 in range(rows.start, rows.stop, strip):
+                part = slice(s0, min(rows.stop, s0 + strip))
+                view = tile[s0 - rows.start:part.stop - rows.start]
+                size = view.numel()
+                direct = [b[:size].view(view.shape) for b in direct_buf]
+                near = evaluator.evaluate(part, cols, view, gradient=True, direct=direct)
+                lp = slice(part.start - g0, part.stop - g0)
+                if near is not None:
+                    _add_near(geom, acc[:, lp], direct_acc[:, lp], near, alpha[cols])
+                    if mirrored:
+                        flipped = NearPairs(near.cols, near.rows, near.s, near.diff)
+                        _add_near(geom, acc[:, lc], direct_acc[:, lc], flipped, alpha[part], sign=-1.0)
+                for q in range(k):
+                    direct[q].mul_(view)
+                    direct_acc[q, lp].addmm_(direct[q], alpha[cols])
+                    if mirrored:
+                        direct_acc[q, lc].addmm_(direct[q].T, alpha[part], alpha=-1.0)
+            if geom.re:
+                for seg in geom.segments(rows, cols):
+                    sr = slice(seg.rows.start - rows.start, seg.rows.stop - rows.start)
+                    sc = slice(seg.cols.start - cols.start, seg.cols.stop - cols.start)
+                    sub = tile[sr, sc]
+                    acc[seg.frame, seg.rows.start - g0:seg.rows.stop - g0].addmm_(sub, coeffs(seg.frame, seg.cols))
+                    if mirrored:
+                        acc[seg.frame, seg.cols.start - g0:seg.cols.stop - g0].addmm_(
+                            sub.T, coeffs(seg.frame, seg.rows))
+        for I in group:
+            rows = blocks[I]
+            lr = slice(rows.start - g0, rows.stop - g0)
+            yield rows, _finish(geom, rows, acc[:, lr], direct_acc[:, lr], c, out_buf)
+
+
+__all__ = ["gradient_blocks", "stacked_coefficients", "BudgetError"]

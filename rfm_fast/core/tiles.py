@@ -1,0 +1,183 @@
+"""Tiles of kernel values and gradient weights: the distance fill, the near-pair test and the elementwise pass.
+
+A tile (rows, cols) of evaluation points against centres is produced in three steps, the same for every backend:
+
+1. **distances**: tile = tile_sign * s, from one GEMM per segment (frame) on augmented factors,
+       [u_z, ||u_z||^2, 1] @ tile_sign * [-2 u_x, 1, ||u_x||^2]^T = tile_sign * (||u_z||^2 + ||u_x||^2 - 2 u_z.u_x),
+   plus the directly formed coordinates, tile += tile_sign * (t_z - t_x)^2 for each of them (compensated
+   differences, kept in ``direct`` buffers when the gradient needs them again);
+2. **elementwise pass** (pluggable: :class:`TorchPass`, the compiled one-pass kernel of the cpp backend, or a
+   Triton kernel that does all three steps): the near test s <= b_z[j] + b_x[i] (``Geometry`` bound terms) and
+   the values k (or gradient weights w) written in place; near pairs are returned as local (row, col) indices,
+   with weight 0 in a gradient tile;
+3. **near pairs**, exactly: s from the original points (``Geometry.exact``); a value tile gets k(s) written
+   back; a gradient tile's caller adds w(s) alpha_i (x) (u_z - u_x) from the exact difference (``NearPairs``).
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple, Optional, Protocol
+
+import torch
+
+from .geometry import Geometry
+from .kernels import KernelSpec
+
+
+class NearPairs(NamedTuple):
+    """Near pairs of one tile: local row and column indices, exact s (float64) and, for gradient tiles, the exact
+    scaled differences u_z - u_x (float64, (k, r))."""
+
+    rows: torch.Tensor
+    cols: torch.Tensor
+    s: torch.Tensor
+    diff: Optional[torch.Tensor]
+
+
+class ElementwisePass(Protocol):
+    """In place on ``tile`` (tile_sign * s): the near test against bz[j] + bx[i] and the values (``gradient``
+    False) or gradient weights (True, near entries set to 0). Returns the near pairs as a (k, 2) int64 tensor of
+    local (row, col) indices."""
+
+    def __call__(self, tile: torch.Tensor, bz: torch.Tensor, bx: torch.Tensor, spec: KernelSpec,
+                 gradient: bool) -> torch.Tensor: ...
+
+
+def near_indices(tile: torch.Tensor, bz: torch.Tensor, bx: torch.Tensor, sign: float) -> torch.Tensor:
+    """Local (row, col) of the entries with sign * tile <= bz[row] + bx[col]: a cheap per-row test with the tile's
+    largest column bound first, then every pair of the suspect rows."""
+    extreme = tile.amin(1) if sign > 0 else tile.amax(1).neg_()
+    suspect = torch.nonzero(extreme <= bz + bx.max()).flatten()
+    if suspect.numel() == 0:
+        return torch.empty(0, 2, dtype=torch.long, device=tile.device)
+    sub = tile[suspect]
+    if sign < 0:
+        sub = sub.neg_()
+    local = torch.nonzero(sub <= bz[suspect, None] + bx[None, :])
+    return torch.stack([suspect[local[:, 0]], local[:, 1]], dim=1)
+
+
+class TorchPass:
+    """The elementwise pass in torch ops: the near test (a row reduction, then the suspect rows), then the value
+    or weight formulas of the kernel description (2-4 in-place passes). ``scratch`` (at least the tile's size)
+    serves the Laplace weights."""
+
+    def __init__(self, scratch: Optional[torch.Tensor] = None):
+        self.scratch = scratch
+
+    def __call__(self, tile, bz, bx, spec, gradient):
+        near = near_indices(tile, bz, bx, spec.tile_sign)
+        if gradient:
+            scratch = None
+            if spec.laplace and self.scratch is not None:
+                scratch = self.scratch[:tile.numel()].view(tile.shape)
+            spec.weights_(tile, scratch)
+            if near.numel():
+                tile[near[:, 0], near[:, 1]] = 0
+        else:
+            spec.values_(tile)
+        return near
+
+
+class TileEvaluator:
+    """Produces finished tiles (values or gradient weights) for a geometry with a given elementwise pass.
+
+    Holds the augmented factors of every frame (built once per call, (m + n)(re + 2) elements each)."""
+
+    def __init__(self, geom: Geometry, elementwise: Optional[ElementwisePass]):
+        self.geom, self.elementwise = geom, elementwise
+        self.spec = geom.spec
+        self._augmented = None
+
+    @property
+    def _aug(self) -> list:
+        """Per frame (z_aug, x_aug^T), built on first use."""
+        if self._augmented is None:
+            sign = self.spec.tile_sign
+            self._augmented = []
+            for frame in self.geom.frames:
+                if self.geom.re == 0:
+                    self._augmented.append(None)
+                    continue
+                ones_x = torch.ones_like(frame.xn)[:, None]
+                x_aug_t = torch.cat([(-2.0 * sign) * frame.xe, sign * ones_x, (sign * frame.xn)[:, None]], 1).T
+                if self.geom.same:
+                    z_aug = torch.cat([frame.xe, frame.xn[:, None], ones_x], 1)
+                else:
+                    z_aug = torch.cat([frame.ze, frame.zn[:, None], torch.ones_like(frame.zn)[:, None]], 1)
+                self._augmented.append((z_aug.contiguous(), x_aug_t.contiguous()))
+        return self._augmented
+
+    def distances(self, rows: slice, cols: slice, out: torch.Tensor,
+                  direct: Optional[list] = None) -> None:
+        """tile_sign * s for the tile (rows, cols) into ``out`` (len rows, len cols); ``direct``: kdir buffers of
+        the tile's shape that receive the coordinate differences t_z - t_x (else one scratch is allocated)."""
+        geom = self.geom
+        for seg in geom.segments(rows, cols):
+            view = out[seg.rows.start - rows.start:seg.rows.stop - rows.start,
+                       seg.cols.start - cols.start:seg.cols.stop - cols.start]
+            aug = self._aug[seg.frame]
+            if aug is None:
+                view.zero_()
+            else:
+                torch.mm(aug[0][seg.rows], aug[1][:, seg.cols], out=view)
+        if geom.kdir == 0:
+            return
+        (zh, zl), (xh, xl) = geom.zt, geom.xt
+        sign = self.spec.tile_sign
+        for k in range(geom.kdir):
+            D = direct[k] if direct is not None else torch.empty_like(out)
+            torch.sub(zh[rows, k, None], xh[None, cols, k], out=D)
+            if zl is not None:
+                D.add_(zl[rows, k, None]).sub_(xl[None, cols, k])
+            out.addcmul_(D, D, value=sign)
+
+    def evaluate(self, rows: slice, cols: slice, out: torch.Tensor, *, gradient: bool,
+                 direct: Optional[list] = None) -> Optional[NearPairs]:
+        """The finished tile (values, or gradient weights with near pairs at 0) in ``out``, and its near pairs."""
+        self.distances(rows, cols, out, direct)
+        geom = self.geom
+        found = []
+        for seg in geom.segments(rows, cols):
+            r0, c0 = seg.rows.start - rows.start, seg.cols.start - cols.start
+            view = out[r0:seg.rows.stop - rows.start, c0:seg.cols.stop - cols.start]
+            frame = geom.frames[seg.frame]
+            idx = self.elementwise(view, frame.bz[seg.rows], frame.bx[seg.cols], self.spec, gradient)
+            if idx.numel():
+                found.append(idx + torch.tensor([r0, c0], device=idx.device))
+        return self.finish_near(rows, cols, out, found, gradient)
+
+    def finish_near(self, rows: slice, cols: slice, out: torch.Tensor, found: list,
+                    gradient: bool) -> Optional[NearPairs]:
+        """Exact recomputation of the near pairs ``found`` (lists of local (k, 2) indices) of a finished tile."""
+        if not found:
+            return None
+        idx = found[0] if len(found) == 1 else torch.cat(found)
+        r_loc, c_loc = idx[:, 0], idx[:, 1]
+        r_abs, c_abs = r_loc + rows.start, c_loc + cols.start
+        if gradient:
+            s, diff = self.geom.exact(r_abs, c_abs, with_diff=True)
+            return NearPairs(r_loc, c_loc, s, diff)
+        s = self.geom.exact(r_abs, c_abs)
+        out[r_loc, c_loc] = self.spec.value_of(s).to(out.dtype)
+        return NearPairs(r_loc, c_loc, s, None)
+
+
+def add_near_field(acc: torch.Tensor, near: NearPairs, alpha: torch.Tensor, spec: KernelSpec,
+                   sign: float = 1.0, weights: Optional[torch.Tensor] = None) -> None:
+    """acc[rows] += sign * w(s) alpha[cols] (x) diff for the near pairs of one tile (acc (R, c, r), alpha the
+    tile's columns (C, c); ``weights``: extra per-pair factors). Pairs at distance 0 add nothing."""
+    keep = near.s > 0
+    if not bool(keep.any()):
+        return
+    w = spec.weight_of(near.s[keep])
+    if weights is not None:
+        w = w * weights[keep].to(w.dtype)
+    rows, cols, diff = near.rows[keep], near.cols[keep], near.diff[keep]
+    c, r = alpha.shape[1], diff.shape[1]
+    step = max(1, 2**20 // max(1, c * r))
+    for start in range(0, rows.shape[0], step):
+        part = slice(start, start + step)
+        coef = (w[part, None] * alpha[cols[part]].to(torch.float64))
+        contrib = coef[:, :, None] * diff[part][:, None, :]
+        acc.index_add_(0, rows[part], contrib.to(acc.dtype), alpha=sign)
