@@ -22,11 +22,13 @@ Everything else (tiles, schedules, backends) reads these arrays; none of them re
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import NamedTuple, Optional
 
 import torch
 
+from .frames import MIN_FRAMED, Components, Layout, framed_components, gap_threshold, ranges, worth_searching
 from .kernels import KernelSpec
 from .metric import MetricFactor
 
@@ -40,6 +42,33 @@ HYBRID_REST_SHARE = 2.0**-8
 HYBRID_SAMPLE = 4096
 # Exact recomputations are formed this many elements at a time (bounded working memory).
 EXACT_CHUNK_ELEMS = 2**20
+
+
+_REUSE: Optional[dict] = None
+
+
+@contextmanager
+def reuse():
+    """Within this context ``Geometry.build`` hands back the geometry of an earlier call on the same tensors
+    (the same objects, unmodified since: equal version counters) with the same metric, kernel and options, instead
+    of preparing it again: for iterative solvers, whose every product has the same points. The geometries are
+    dropped when the outermost context exits."""
+    global _REUSE
+    outer = _REUSE is not None
+    if not outer:
+        _REUSE = {}
+    try:
+        yield
+    finally:
+        if not outer:
+            _REUSE = None
+
+
+def _reuse_key(z, x, M, spec, options) -> tuple:
+    def tag(t):
+        return None if t is None else (id(t), t._version, tuple(t.shape), tuple(t.stride()), t.dtype, t.device)
+
+    return (tag(z), tag(x), tag(M), spec, options)
 
 
 def same_points(z: torch.Tensor, x: torch.Tensor) -> bool:
@@ -76,14 +105,16 @@ class Geometry:
 
     def __init__(self, spec: KernelSpec, factor: MetricFactor, z: torch.Tensor, x: torch.Tensor, same: bool,
                  frames: list, zt: Optional[tuple], xt: Optional[tuple], kdir: int,
-                 perm_z: Optional[torch.Tensor], perm_x: Optional[torch.Tensor]):
+                 perm_z: Optional[torch.Tensor], perm_x: Optional[torch.Tensor], layout=None,
+                 labels_z: Optional[torch.Tensor] = None):
         self.spec, self.factor = spec, factor
         self.z, self.x = z, x  # original points, permuted, contiguous (exact recomputation)
         self.same = same
         self.frames = frames
         self.zt, self.xt = zt, xt  # direct coordinates (hi, lo or None), each (m, kdir) / (n, kdir)
         self.kdir = kdir
-        self.perm_z, self.perm_x = perm_z, perm_x
+        self.perm_z, self.perm_x = perm_z, perm_x  # permuted position -> caller's index (None: identity)
+        self.layout, self.labels_z = layout, labels_z  # components (frames.Layout) and z's sorted labels
         self.dtype, self.device = z.dtype, z.device
         self.m, self.n, self.d = z.shape[0], x.shape[0], z.shape[1]
         self.r = factor.r
@@ -95,6 +126,17 @@ class Geometry:
         """Prepare z (m, d), x (n, d) (one float dtype and device) for ``spec``. ``precision="tf32"`` selects the
         near threshold of tf32 products (Triton); ``allow_direct=False`` keeps every coordinate in the expansion
         and ``allow_frames=False`` one centring frame (for kernels that have neither)."""
+        if _REUSE is not None:
+            key = _reuse_key(z, x, M, spec, (precision, allow_direct, allow_frames))
+            hit = _REUSE.get(key)
+            if hit is None:
+                hit = (cls._prepare(z, x, M, spec, precision, allow_direct, allow_frames), (z, x, M))
+                _REUSE[key] = hit
+            return hit[0]
+        return cls._prepare(z, x, M, spec, precision, allow_direct, allow_frames)
+
+    @classmethod
+    def _prepare(cls, z, x, M, spec, precision, allow_direct, allow_frames) -> "Geometry":
         same = same_points(z, x)
         dtype, device = z.dtype, z.device
         factor = MetricFactor.from_matrix(M, z.shape[1], dtype, device)
@@ -128,7 +170,59 @@ class Geometry:
         xe = ue_x[:, kdir:].contiguous()
         ze = xe if same else ue_z[:, kdir:].contiguous()
         frame = _frame(ze, xe, same, rtol_e, rtol_d, tn_z, tn_x)
-        return cls(spec, factor, z, x, same, [frame], zt, xt, kdir, None, None)
+        geom = cls(spec, factor, z, x, same, [frame], zt, xt, kdir, None, None)
+        if allow_frames and x.shape[0] >= 2 * MIN_FRAMED and factor.r > DIRECT_MAX_R and ue_x.numel():
+            geom._add_frames(ue_x, ue_z, rtol_e, rtol_d)
+        return geom
+
+    def _add_frames(self, ue_x: torch.Tensor, ue_z: torch.Tensor, rtol_e: float, rtol_d: float) -> None:
+        """Find the gap-certified components of the centres (``rfm_fast.core.frames``); when some get a frame,
+        order the points by component and add the frame of coordinates about each component's centre."""
+        if not worth_searching(ue_x, rtol_e):
+            return
+        radius = float((ue_x * ue_x).sum(1).max().sqrt())
+        comps = Components(ue_x, gap_threshold(rtol_e, radius))
+        if comps.count < 2:
+            return
+        labels_x = comps.labels
+        K = comps.count
+        counts = torch.bincount(labels_x, minlength=K)
+        framed = framed_components(ue_x, labels_x, K, rtol_e)
+        if not bool(framed.any()):
+            return
+        labels_z = labels_x if self.same else comps.assign(ue_z)
+        perm_x = torch.sort(labels_x, stable=True).indices
+        perm_z = perm_x if self.same else torch.sort(labels_z, stable=True).indices
+        lx, lz = labels_x[perm_x], labels_z[perm_z]
+        # Component centres in the original coordinates, so local coordinates are formed from small differences.
+        x64 = self.x.to(torch.float64)
+        origin = torch.zeros(K, self.d, dtype=torch.float64, device=ue_x.device).index_add_(0, labels_x, x64)
+        origin = (origin / counts.clamp_min(1)[:, None]).to(self.dtype)
+        keep = framed.to(self.dtype)[:, None]
+        x, z = self.x[perm_x], self.x[perm_x] if self.same else self.z[perm_z]
+        sigma = self.spec.coord_scale
+        local_x = self.factor.transform(x - origin[lx], sigma)
+        local_z = local_x if self.same else self.factor.transform(z - origin[lz], sigma)
+        glob = self.frames[0]
+        ge_x, ge_z = glob.xe[perm_x], glob.xe[perm_x] if self.same else glob.ze[perm_z]
+        k = self.kdir
+        le_x = torch.where(keep[lx].bool(), local_x[:, k:], ge_x).contiguous()
+        le_z = le_x if self.same else torch.where(keep[lz].bool(), local_z[:, k:], ge_z).contiguous()
+        tn_x = tn_z = None
+        if k:
+            self.xt = tuple(None if t is None else t[perm_x].contiguous() for t in self.xt)
+            self.zt = self.xt if self.same else tuple(None if t is None else t[perm_z].contiguous() for t in self.zt)
+            tn_x = (self.xt[0] * self.xt[0]).sum(1)
+            tn_z = tn_x if self.same else (self.zt[0] * self.zt[0]).sum(1)
+        self.frames = [_frame(ge_z.contiguous(), ge_x.contiguous(), self.same, rtol_e, rtol_d, tn_z, tn_x),
+                       _frame(le_z, le_x, self.same, rtol_e, rtol_d, tn_z, tn_x)]
+        self.x, self.z = x.contiguous(), x.contiguous() if self.same else z.contiguous()
+        if self.same:
+            self.z = self.x
+        self.perm_x, self.perm_z = perm_x, perm_z
+        self.labels_z = lz
+        framed_ids = frozenset(torch.nonzero(framed).flatten().tolist())
+        self.layout = Layout(ranges(lz), {c: (a, b) for a, b, c in ranges(lx)}, framed_ids)
 
     # ---- pairs and frames -------------------------------------------------------------------------------
     @property
@@ -137,8 +231,11 @@ class Geometry:
         return self.r == 0
 
     def segments(self, rows: slice, cols: slice) -> list:
-        """The rectangles of tile (rows, cols) with the frame each is evaluated in."""
-        return [Segment(rows, cols, 0)]
+        """The rectangles of tile (rows, cols) with the frame each is evaluated in: frame 1 (about the
+        component's centre) for pairs of one framed component, frame 0 (about the centres' mean) for the rest."""
+        if self.layout is None:
+            return [Segment(rows, cols, 0)]
+        return self.layout.segments(rows, cols, Segment)
 
     def exact(self, r_idx: torch.Tensor, c_idx: torch.Tensor, with_diff: bool = False):
         """Exact s (and, with ``with_diff``, u_z - u_x in the factor's coordinates, (k, r)) of the pairs
@@ -158,13 +255,17 @@ class Geometry:
         return (s, diff) if with_diff else s
 
     def rows_subset(self, idx: torch.Tensor) -> "Geometry":
-        """The geometry of the evaluation points z[idx] (permuted indices) against the same centres: shares every
-        centre-side array (the sample of the shifted centring, ``rfm_fast.core.agop``)."""
+        """The geometry of the evaluation points z[idx] (sorted permuted indices) against the same centres: shares
+        every centre-side array (the sample of the shifted centring, ``rfm_fast.core.agop``); its rows stay in
+        permuted order, so ``perm_z`` is None."""
         frames = [Frame(f.ze[idx], f.xe, f.zn[idx], f.xn, f.bz[idx], f.bx) for f in self.frames]
         zt = None if self.zt is None else tuple(None if t is None else t[idx] for t in self.zt)
-        sub = Geometry(self.spec, self.factor, self.z[idx], self.x, False, frames, zt, self.xt, self.kdir, None,
-                       self.perm_x)
-        return sub
+        layout, labels = None, None
+        if self.layout is not None:
+            labels = self.labels_z[idx]
+            layout = Layout(ranges(labels), self.layout.x_ranges, self.layout.framed)
+        return Geometry(self.spec, self.factor, self.z[idx], self.x, False, frames, zt, self.xt, self.kdir, None,
+                        self.perm_x, layout, labels)
 
     # ---- back to the input coordinates ------------------------------------------------------------------
     def gradient_to_input(self, G: torch.Tensor) -> torch.Tensor:

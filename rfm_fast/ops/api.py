@@ -29,7 +29,12 @@ from ..core.autograd import KernelMatrixFunction, KernelMvFunction, needs_grad
 
 
 def _run(op: str, problem: Problem, backend: str, budget: int, **options):
-    return choose(op, problem, backend).function(op)(problem, budget, **options)
+    out = choose(op, problem, backend).function(op)(problem, budget, **options)
+    if op != "kernel_matrix" and out.numel() and not bool(torch.isfinite(out).all()):
+        # Finite inputs can only give a non-finite result by overflowing the output dtype.
+        raise ValueError(f"{op} overflows {problem.dtype}: its result is beyond the dtype's range for these inputs "
+                         f"(bandwidth {problem.bandwidth:.3g}); use float64 inputs or a larger bandwidth")
+    return out
 
 
 def _no_autograd(op: str, problem: Problem) -> None:

@@ -15,6 +15,7 @@ from typing import Any, Optional
 
 import torch
 
+from ..core.geometry import reuse
 from ..ops.api import kernel_mv
 
 # Replace the recurrence residual by the true one this often: bounds the drift at the cost of one product.
@@ -42,6 +43,7 @@ def default_max_iter(n: int) -> int:
     return int(min(max(2 * n, 100), 10_000))
 
 
+@reuse()
 def cg_solve(X: torch.Tensor, Y: torch.Tensor, *, kernel: str, bandwidth: float, M: Optional[Any], reg: float,
              tol: Optional[float] = None, max_iter: Optional[int] = None, backend: str = "auto",
              memory_budget: Optional[int | str] = None) -> tuple[torch.Tensor, dict]:

@@ -26,8 +26,8 @@ Nystrom approximation only as the preconditioner.
 Numerics. All r x r work, the basis U and the CG recurrence run in float64 (O(n r + n c) memory); only the
 kernel products run in the data's dtype. The form above keeps ||P^{-1}|| = 1 with its smallest eigenvalue
 (s_k + reg) / (s_1 + reg), and U is re-orthonormalised against the exact Gram matrix, so P^{-1} stays numerically
-positive definite. Eigenvalues of K_SS below 1e-12 of its largest, and Nystrom eigenvalues below 1e-10 s_1, are
-dropped (they carry rounding, not information).
+positive definite. Eigenvalues of K_SS and Nystrom eigenvalues below 2^-26 of their largest are dropped (they
+carry rounding, not information).
 
 Stopping. Each column of Y runs its own CG recurrence in lock step (one kernel product serves all c columns:
 the product's cost is dominated by the n^2 distances, not by c). A column stops when its relative residual
@@ -52,14 +52,20 @@ import numpy as np
 import torch
 
 from .._validation import FLOAT_DTYPES, check_bandwidth, check_kernel
+from ..core.geometry import reuse
 from ..ops.api import kernel_matrix, kernel_mv
 from .cg import ConvergenceError, default_max_iter, default_tol
 
 __all__ = ["nystrom_pcg", "NystromPreconditioner", "default_rank", "ConvergenceError"]
 
-# Relative cut-offs for the eigenvalues kept in the Nystrom factorisation (see the module docstring).
-_KSS_RTOL = 1e-12
-_NYSTROM_RTOL = 1e-10
+# Relative cut-offs for the eigenvalues kept in the Nystrom factorisation (see the module docstring): below
+# sqrt(eps64) = 2^-26 of the largest, 1 / sqrt(eigenvalue) amplifies the float64 rounding of C past 1e-8 and the
+# basis is no longer orthonormal (the old cut-offs, 1e-12 and 1e-10, left U^T U with eigenvalues from -3.6 to
+# 9.4 on a benign Gaussian problem). Should the Cholesky-QR step still fail, the cut-offs are raised by these
+# factors in turn.
+_KSS_RTOL = 2.0**-26
+_NYSTROM_RTOL = 2.0**-26
+_RETRY_FACTORS = (1.0, 2.0**6, 2.0**12)
 # Default rank: at most this many centres, and U (n x r float64) at most ~2 GiB.
 _MAX_DEFAULT_RANK = 1000
 _DEFAULT_BASIS_ELEMS = 2**28
@@ -121,27 +127,42 @@ class NystromPreconditioner:
         C = kernel_matrix(X[rows].to(torch.float64), X64, **ops)
         K_ss = kernel_matrix(X64, X64, **ops)
         lam, Q = torch.linalg.eigh(0.5 * (K_ss + K_ss.T))
-        keep = lam > _KSS_RTOL * float(lam.max().clamp_min(0))
-        B = Q[:, keep] / lam[keep].sqrt()  # K_nys = (C B)(C B)^T
         G = comm.allsum(C.T @ C)  # Gram of C over all rows, r x r
+        for factor in _RETRY_FACTORS:
+            W, s = cls._basis(lam, Q, G, _KSS_RTOL * factor, _NYSTROM_RTOL * factor)
+            if W is not None:
+                break
+        else:
+            raise ConvergenceError("the Nystrom preconditioner could not be factorised stably; raise reg or lower "
+                                   "rank", iterations=0, residual=float("nan"))
+        # U = C W written over C block by block (k <= r columns), so C and U never coexist: peak n r, not 2 n r.
+        for start in range(0, C.shape[0], _BASIS_BLOCK_ROWS):
+            block = C[start:start + _BASIS_BLOCK_ROWS]
+            block[:, : W.shape[1]] = block @ W
+        return cls(C[:, : W.shape[1]], s, float(reg), comm)
+
+    @staticmethod
+    def _basis(lam, Q, G, kss_rtol: float, nys_rtol: float):
+        """(W, s) with U = C W orthonormal and K_nys = U diag(s) U^T, or (None, None) when the Cholesky-QR step
+        finds U^T U not positive definite at these cut-offs."""
+        keep = lam > kss_rtol * float(lam.max().clamp_min(0))
+        B = Q[:, keep] / lam[keep].sqrt()  # K_nys = (C B)(C B)^T
         F_gram = B.T @ G @ B
         s, V = torch.linalg.eigh(0.5 * (F_gram + F_gram.T))
         s, V = s.flip(0), V.flip(1)
         top = float(s[0]) if s.numel() else 0.0
-        keep = s > _NYSTROM_RTOL * top if top > 0 else torch.zeros_like(s, dtype=torch.bool)
+        keep = s > nys_rtol * top if top > 0 else torch.zeros_like(s, dtype=torch.bool)
         s, V = s[keep], V[:, keep]
         W = B @ (V / s.sqrt())  # U = C W has U^T U = W^T G W = I up to the eigensolver's rounding
         if s.numel():
             # One Cholesky-QR step against the exact Gram: U^T U = I to ~1e-16, which keeps P^{-1} positive
             # definite even when s_1 / s_k is large.
             H = W.T @ G @ W
-            R = torch.linalg.cholesky(0.5 * (H + H.T)).mH
-            W = torch.linalg.solve_triangular(R, W, upper=True, left=False)
-        # U = C W written over C block by block (k <= r columns), so C and U never coexist: peak n r, not 2 n r.
-        for start in range(0, C.shape[0], _BASIS_BLOCK_ROWS):
-            block = C[start:start + _BASIS_BLOCK_ROWS]
-            block[:, : W.shape[1]] = block @ W
-        return cls(C[:, : W.shape[1]], s, float(reg), comm)
+            L, info = torch.linalg.cholesky_ex(0.5 * (H + H.T))
+            if int(info) != 0:
+                return None, None
+            W = torch.linalg.solve_triangular(L.mH, W, upper=True, left=False)
+        return W, s
 
     def apply(self, v: torch.Tensor) -> torch.Tensor:
         """P^{-1} v for this rank's rows v (rows, c), float64."""
@@ -155,6 +176,7 @@ def _column_norms(t: torch.Tensor, comm: Any) -> torch.Tensor:
     return comm.allsum((t * t).sum(0)).sqrt()
 
 
+@reuse()
 def pcg_rows(X: torch.Tensor, Y: torch.Tensor, rows: slice, comm: Any, *, kernel: str, bandwidth: float,
              M: Optional[torch.Tensor], reg: float, tol: float, max_iter: int, rank: int, backend: str, seed: int,
              progress: bool, memory_budget: Any) -> tuple[torch.Tensor, dict]:
