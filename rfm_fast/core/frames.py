@@ -39,9 +39,10 @@ MIN_FRAMED = 16
 FRAME_GAIN = 1.0 / 16.0
 FRAME_SHARE = 2.0**-6
 NORM_LIMIT = 0.25
-FRAME_SAMPLE = 512
+FRAME_SAMPLE = 128
+SEARCH_SAMPLE = 256
 MAX_COMPONENTS = 256
-LLOYD_STEPS = 4
+LLOYD_STEPS = 2
 
 
 @dataclass
@@ -86,7 +87,7 @@ def _directions(P: torch.Tensor):
     if float(w.norm()) > 0:
         yield w / w.norm()
     v = farthest(mean) - mean
-    for _ in range(6):
+    for _ in range(2):
         v = P.T @ (P @ v) - k * mean * float(mean @ v)
         norm = float(v.norm())
         if not norm > 0:
@@ -204,43 +205,46 @@ def gap_threshold(near_rtol: float, radius: float) -> float:
 
 
 def worth_searching(u: torch.Tensor, near_rtol: float) -> bool:
-    """Whether the global frame costs enough to look for components: on a sample of FRAME_SAMPLE * 8 random pairs
-    (fixed seed), at least FRAME_SHARE / 8 fail the near test, or the mean absolute error reaches NORM_LIMIT (see
-    FRAME_GAIN). Random data pass neither and skip the search."""
+    """Whether the global frame costs enough to look for components: among all pairs of a sample of SEARCH_SAMPLE
+    centres (evenly spaced in their order), at least FRAME_SHARE / 8 fail the near test, or the mean absolute
+    error reaches NORM_LIMIT (see FRAME_GAIN). Random data pass neither and skip the search. The sample's
+    distances come from one Gram matrix: accurate enough to tell a pair near the bound from one far above it."""
     n = u.shape[0]
-    gen = torch.Generator(device="cpu").manual_seed(1)
-    pick = torch.randint(0, n, (2, 8 * FRAME_SAMPLE), generator=gen).to(u.device)
-    a, b = u[pick[0]], u[pick[1]]
-    norms = (a * a).sum(1) + (b * b).sum(1)
-    if near_rtol * float(norms.mean()) >= NORM_LIMIT:
+    P = u[torch.linspace(0, n - 1, min(n, SEARCH_SAMPLE), device=u.device).long()]
+    norms = (P * P).sum(1)
+    if near_rtol * 2.0 * float(norms.mean()) >= NORM_LIMIT:
         return True
-    s = ((a - b) ** 2).sum(1)
-    distinct = s > 0
-    share = float((distinct & (s <= near_rtol * norms)).sum()) / max(1, int(distinct.sum()))
-    return share >= FRAME_SHARE / 8
+    total = norms[:, None] + norms[None, :]
+    s = total - 2.0 * (P @ P.T)
+    off = ~torch.eye(P.shape[0], dtype=torch.bool, device=u.device)
+    flagged = (s <= near_rtol * total) & off
+    return float(flagged.sum()) / max(1, int(off.sum())) >= FRAME_SHARE / 8
 
 
 def framed_components(u: torch.Tensor, labels: torch.Tensor, count: int, near_rtol: float) -> torch.Tensor:
-    """(count,) bool: the components that get a frame (see FRAME_GAIN). For each component with at least
-    MIN_FRAMED points, up to FRAME_SAMPLE random pairs (a fixed seed) stand for all of its pairs."""
-    framed = torch.zeros(count, dtype=torch.bool, device=u.device)
+    """(count,) bool: the components that get a frame (see FRAME_GAIN), from per-component means of the squared
+    norms about the global and the own centre, and FRAME_SAMPLE random pairs of each component (fixed seed)."""
+    device = u.device
     sizes = torch.bincount(labels, minlength=count)
+    weight = 1.0 / sizes.clamp_min(1).to(u.dtype)
+    norms = (u * u).sum(1)
+    global_norm = torch.zeros(count, dtype=u.dtype, device=device).index_add_(0, labels, norms) * weight
+    means = torch.zeros(count, u.shape[1], dtype=u.dtype, device=device).index_add_(0, labels, u) * weight[:, None]
+    local_norm = (global_norm - (means * means).sum(1)).clamp_min(0)  # mean of |u - mean|^2, to rounding
+    candidate = (sizes >= MIN_FRAMED) & (local_norm <= FRAME_GAIN * global_norm)
+    framed = candidate & (near_rtol * 2.0 * global_norm >= NORM_LIMIT)
+    rest = torch.nonzero(candidate & ~framed).flatten()
+    if rest.numel() == 0:
+        return framed
     order = torch.sort(labels, stable=True).indices
     starts = torch.cumsum(sizes, 0) - sizes
     gen = torch.Generator(device="cpu").manual_seed(0)
-    for comp in torch.nonzero(sizes >= MIN_FRAMED).flatten().tolist():
-        size, start = int(sizes[comp]), int(starts[comp])
-        pick = torch.randint(0, size, (2, FRAME_SAMPLE), generator=gen).to(u.device)
-
-        members = u[order[start:start + size]]
-        local = members - members.mean(0)
-        global_norm = float((members * members).sum(1).mean())
-        if not float((local * local).sum(1).mean()) <= FRAME_GAIN * global_norm:
-            continue
-        a, b = members[pick[0]], members[pick[1]]
-        s = ((a - b) ** 2).sum(1)
-        bound = near_rtol * ((a * a).sum(1) + (b * b).sum(1))
-        distinct = s > 0
-        share = float((distinct & (s <= bound)).sum()) / max(1, int(distinct.sum()))
-        framed[comp] = share >= FRAME_SHARE or near_rtol * 2.0 * global_norm >= NORM_LIMIT
+    draw = torch.rand(2, rest.numel(), FRAME_SAMPLE, generator=gen).to(device)
+    picks = starts[rest][None, :, None] + (draw * sizes[rest][None, :, None]).long()
+    a, b = u[order[picks[0]]], u[order[picks[1]]]  # (components, FRAME_SAMPLE, r)
+    s = ((a - b) ** 2).sum(-1)
+    bound = near_rtol * ((a * a).sum(-1) + (b * b).sum(-1))
+    distinct = s > 0
+    share = (distinct & (s <= bound)).sum(1).to(u.dtype) / distinct.sum(1).clamp_min(1).to(u.dtype)
+    framed[rest] = share >= FRAME_SHARE
     return framed

@@ -341,24 +341,28 @@ def compensated_pair(z: torch.Tensor, x: torch.Tensor, same: bool, centre: torch
 def _hybrid(factor: MetricFactor, xs: torch.Tensor, sigma: float) -> tuple:
     """(factor, k): the factor rotated so the data's k leading principal directions come first, when k <= 2 of
     them hold all but HYBRID_REST_SHARE of the centres' spread; else (factor, 0). The test costs a few products
-    with the coordinates of a sample of centres (block power iteration); the rotation is computed only when it
-    pays."""
+    with the coordinates of a sample of centres (block power iteration, stopped as soon as the leading direction
+    is seen to hold too little); the rotation is computed only when it pays."""
     n = xs.shape[0]
     if n < 8:
         return factor, 0
     if n > HYBRID_SAMPLE:
         xs = xs[torch.linspace(0, n - 1, HYBRID_SAMPLE, device=xs.device).long()]
-    u = factor.transform(xs.to(torch.float64), sigma)
+    u = factor.transform(xs, sigma)
     u = u - u.mean(0, keepdim=True)
     total = float((u * u).sum())
     if not total > 0:
         return factor, 0
     gen = torch.Generator(device="cpu").manual_seed(0)
-    V = torch.randn(u.shape[1], HYBRID_MAX_K + 2, generator=gen, dtype=torch.float64).to(u.device)
-    for _ in range(6):
+    V = torch.randn(u.shape[1], HYBRID_MAX_K + 2, generator=gen, dtype=u.dtype).to(u.device)
+    lead = None
+    for step in range(5):
         V, _ = torch.linalg.qr(u.T @ (u @ V))
-    energy = ((u @ V) ** 2).sum(0)  # Rayleigh quotients of the (nearly converged) leading directions
-    lead = torch.sort(energy, descending=True).values
+        lead = torch.sort(((u @ V) ** 2).sum(0), descending=True).values
+        # Rayleigh quotients only grow towards the eigenvalues: once even the top HYBRID_MAX_K of them would
+        # need to grow past the total spread, no k qualifies.
+        if float(lead[:HYBRID_MAX_K].sum()) < 0.5 * total:
+            return factor, 0
     k = 0
     for j in range(1, HYBRID_MAX_K + 1):
         if 1.0 - float(lead[:j].sum()) / total <= HYBRID_REST_SHARE:
@@ -366,6 +370,6 @@ def _hybrid(factor: MetricFactor, xs: torch.Tensor, sigma: float) -> tuple:
             break
     if k == 0:
         return factor, 0
-    evals, evecs = torch.linalg.eigh(u.T @ u)
-    R = evecs.flip(1)
-    return factor.rotated(R), k
+    u64 = u.to(torch.float64)
+    evals, evecs = torch.linalg.eigh(u64.T @ u64)
+    return factor.rotated(evecs.flip(1)), k

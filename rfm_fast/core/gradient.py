@@ -37,54 +37,73 @@ def stacked_coefficients(alpha: torch.Tensor, ue: torch.Tensor) -> torch.Tensor:
 
 
 class _Coefficients:
-    """Right-hand sides [alpha | alpha (x) u_e] per frame: whole when they fit half the budget, else per slice."""
+    """Right-hand sides [alpha | alpha (x) u_e] of the weight GEMMs: the global frame's whole when it fits half
+    the budget (else built per slice); the other frames' always per slice (only the rectangles of one framed
+    component use them, a block's worth at most)."""
 
     def __init__(self, geom: Geometry, alpha: torch.Tensor, budget: int):
         self.geom, self.alpha = geom, alpha
         c = alpha.shape[1]
         self.width = c + c * geom.re
         item = alpha.element_size()
-        self.whole = geom.re > 0 and coefficients_whole(geom.n, self.width, item, budget, len(geom.frames))
-        self.full = [stacked_coefficients(alpha, f.xe) for f in geom.frames] if self.whole else None
-        self.bytes = len(geom.frames) * geom.n * self.width * item if self.whole else 0
+        self.whole = geom.re > 0 and coefficients_whole(geom.n, self.width, item, budget)
+        self.full = stacked_coefficients(alpha, geom.frames[0].xe) if self.whole else None
+        self.bytes = geom.n * self.width * item if self.whole else 0
 
     def __call__(self, frame: int, cols: slice) -> torch.Tensor:
-        if self.whole:
-            return self.full[frame][cols]
+        if frame == 0 and self.whole:
+            return self.full[cols]
         return stacked_coefficients(self.alpha[cols], self.geom.frames[frame].xe[cols])
+
+
+def _product(geom: Geometry, acc: torch.Tensor, weights: torch.Tensor, coeffs: _Coefficients, frame: int,
+             cols: slice, rows: slice, tmp: torch.Tensor, c: int) -> None:
+    """acc (rows' accumulator) += the weights' contribution W [alpha | V]_cols in ``frame``. Frame 0 accumulates
+    (W alpha, W V) about the global centre; another frame's product P is finished at once, as the local gradient
+    P_alpha (x) u_local - P_V, and folded into the V part (G~ = acc_alpha (x) u - acc_V)."""
+    rhs = coeffs(frame, cols)
+    if frame == 0:
+        acc.addmm_(weights, rhs)
+        return
+    R, re = weights.shape[0], geom.re
+    P = torch.mm(weights, rhs, out=tmp[:R])
+    local = geom.frames[frame].ze[rows]
+    acc_v = acc[:, c:].view(R, c, re)
+    acc_v.add_(P[:, c:].view(R, c, re))
+    acc_v.addcmul_(P[:, :c, None], local[:, None, :], value=-1.0)
 
 
 def _finish(geom: Geometry, rows: slice, acc: torch.Tensor, direct_acc: Optional[torch.Tensor], c: int,
             out: torch.Tensor) -> torch.Tensor:
-    """G~ (R, c, r) of ``rows`` from the frame accumulators (F, R, width) and the direct ones (kdir, R, c)."""
+    """G~ (R, c, r) of ``rows`` from the accumulator (R, width) and the direct one (kdir, R, c)."""
     R, re, k = rows.stop - rows.start, geom.re, geom.kdir
     G = out[:R]
     if re:
         part = G[:, :, k:]
-        torch.mul(acc[0, :, :c, None], geom.frames[0].ze[rows, None, :], out=part)
-        part.sub_(acc[0, :, c:].view(R, c, re))
-        for f in range(1, len(geom.frames)):
-            part.addcmul_(acc[f, :, :c, None], geom.frames[f].ze[rows, None, :])
-            part.sub_(acc[f, :, c:].view(R, c, re))
+        torch.mul(acc[:, :c, None], geom.frames[0].ze[rows, None, :], out=part)
+        part.sub_(acc[:, c:].view(R, c, re))
     if k:
         G[:, :, :k] = direct_acc.permute(1, 2, 0)
     return G
 
 
 def _add_near(geom, acc_rows, direct_rows, near: NearPairs, alpha_cols, sign=1.0, weights=None):
-    """Near-field contributions of one tile: expansion part subtracted from the V part of frame 0's accumulator
-    (G~ = (W alpha) u - W V + near), direct part added to the direct accumulator."""
+    """Near-field contributions of one tile: expansion part subtracted from the V part of the accumulator
+    (G~ = (W alpha) u - W V + near), direct part added to the direct accumulator. Only the rows that have a near
+    pair at nonzero distance are touched."""
+    keep = near.s > 0
+    if not bool(keep.any()):
+        return
     k, c = geom.kdir, alpha_cols.shape[1]
-    R = acc_rows.shape[1]
+    rows, local = torch.unique(near.rows[keep], return_inverse=True)
+    kept = NearPairs(local, near.cols[keep], near.s[keep], near.diff[keep])
+    tmp = torch.zeros(rows.shape[0], c, geom.r, dtype=acc_rows.dtype, device=acc_rows.device)
+    add_near_field(tmp, kept, alpha_cols, geom.spec, sign=sign, weights=None if weights is None else weights[keep])
     if geom.re:
-        tmp = torch.zeros(R, c, geom.r, dtype=acc_rows.dtype, device=acc_rows.device)
-    else:
-        tmp = torch.zeros(R, c, k, dtype=acc_rows.dtype, device=acc_rows.device)
-    add_near_field(tmp, near, alpha_cols, geom.spec, sign=sign, weights=weights)
-    if geom.re:
-        acc_rows[0, :, c:].view(R, c, geom.re).sub_(tmp[:, :, k:])
+        part = acc_rows[:, c:].view(-1, c, geom.re)
+        part.index_add_(0, rows, tmp[:, :, k:], alpha=-1.0)
     if k:
-        direct_rows.add_(tmp[:, :, :k].permute(2, 0, 1))
+        direct_rows.index_add_(1, rows, tmp[:, :, :k].permute(2, 0, 1))
 
 
 def gradient_blocks(geom: Geometry, alpha: torch.Tensor, evaluator: TileEvaluator, budget: int, *,
@@ -104,22 +123,24 @@ def gradient_blocks(geom: Geometry, alpha: torch.Tensor, evaluator: TileEvaluato
 
 def _one_sided(geom, alpha, evaluator, budget, scratch_cells, pair_weights):
     m, n, c, r, k = geom.m, geom.n, alpha.shape[1], geom.r, geom.kdir
-    F = len(geom.frames)
+    framed = len(geom.frames) > 1
     item = alpha.element_size()
     coeffs = _Coefficients(geom, alpha, budget)
     width = coeffs.width
-    plan = plan_tiles(m, n, budget - coeffs.bytes, per_row=item * (F * width + 2 * c * r + k * c),
-                      per_col=0 if coeffs.whole or geom.re == 0 else F * width * item,
+    per_col = (0 if coeffs.whole or geom.re == 0 else width * item) + (width * item if framed else 0)
+    plan = plan_tiles(m, n, budget - coeffs.bytes,
+                      per_row=item * ((2 if framed else 1) * width + 2 * c * r + k * c), per_col=per_col,
                       per_cell=item * (1 + scratch_cells + k), device=alpha.device, what="a gradient tile")
     dev, dt = alpha.device, alpha.dtype
     tile_buf = torch.empty(plan.rows * plan.cols, dtype=dt, device=dev)
     direct_buf = [torch.empty(plan.rows * plan.cols, dtype=dt, device=dev) for _ in range(k)]
-    acc_buf = torch.empty(F, plan.rows, width, dtype=dt, device=dev)
+    acc_buf = torch.empty(plan.rows, width, dtype=dt, device=dev)
+    tmp_buf = torch.empty(plan.rows if framed else 0, width, dtype=dt, device=dev)
     direct_acc_buf = torch.empty(k, plan.rows, c, dtype=dt, device=dev)
     out_buf = torch.empty(plan.rows, c, r, dtype=dt, device=dev)
     for rows in plan.row_blocks(m):
         R = rows.stop - rows.start
-        acc = acc_buf[:, :R].zero_()
+        acc = acc_buf[:R].zero_()
         direct_acc = direct_acc_buf[:, :R].zero_()
         for cols in plan.col_blocks(n):
             size = R * (cols.stop - cols.start)
@@ -135,10 +156,9 @@ def _one_sided(geom, alpha, evaluator, budget, scratch_cells, pair_weights):
                 _add_near(geom, acc, direct_acc, near, alpha[cols], weights=pw)
             if geom.re:
                 for seg in geom.segments(rows, cols):
-                    sub = tile[seg.rows.start - rows.start:seg.rows.stop - rows.start,
-                               seg.cols.start - cols.start:seg.cols.stop - cols.start]
-                    acc[seg.frame, seg.rows.start - rows.start:seg.rows.stop - rows.start].addmm_(
-                        sub, coeffs(seg.frame, seg.cols))
+                    lr = slice(seg.rows.start - rows.start, seg.rows.stop - rows.start)
+                    sub = tile[lr, seg.cols.start - cols.start:seg.cols.stop - cols.start]
+                    _product(geom, acc[lr], sub, coeffs, seg.frame, seg.cols, seg.rows, tmp_buf, c)
             for q in range(k):
                 direct[q].mul_(tile)
                 direct_acc[q].addmm_(direct[q], alpha[cols])
@@ -149,14 +169,15 @@ def _symmetric_plan(geom, c, item, budget, scratch_cells):
     """Budget split of the symmetric schedule: the coefficients (whole if they fit half the budget, else two
     block slices per frame), one block x block tile, per block row the strip buffers (scratch, direct
     differences) and the output rows; the rest holds the group's accumulators."""
-    F, r, k = len(geom.frames), geom.r, geom.kdir
+    framed, r, k = len(geom.frames) > 1, geom.r, geom.kdir
     width = c + c * geom.re
-    whole = geom.re > 0 and coefficients_whole(geom.n, width, item, budget, F)
-    fixed = F * geom.n * width * item if whole else 0
+    whole = geom.re > 0 and coefficients_whole(geom.n, width, item, budget)
+    fixed = geom.n * width * item if whole else 0
     strip = strip_rows(geom.device)
-    per_block_row = item * (strip * (scratch_cells + k) + c * r + (0 if whole or geom.re == 0 else 2 * F * width))
+    slices = (0 if whole or geom.re == 0 else 2 * width) + (3 * width if framed else 0)
+    per_block_row = item * (strip * (scratch_cells + k) + c * r + slices)
     return plan_symmetric(geom.n, budget, fixed=fixed, per_block_cell=item, per_block_row=per_block_row,
-                          per_acc_row=item * (F * width + k * c), device=geom.device)
+                          per_acc_row=item * (width + k * c), device=geom.device)
 
 
 def _symmetric(geom, alpha, evaluator, budget, plan, scratch_cells):
@@ -166,7 +187,6 @@ def _symmetric(geom, alpha, evaluator, budget, plan, scratch_cells):
     near pairs and direct coordinates likewise from both sides. A group's gradients are yielded block by block
     once all its column blocks are done."""
     n, c, r, k = geom.n, alpha.shape[1], geom.r, geom.kdir
-    F = len(geom.frames)
     dev, dt = alpha.device, alpha.dtype
     coeffs = _Coefficients(geom, alpha, budget)
     blocks = plan.blocks(n)
@@ -175,14 +195,15 @@ def _symmetric(geom, alpha, evaluator, budget, plan, scratch_cells):
     tile_buf = torch.empty(B * B, dtype=dt, device=dev)
     direct_buf = [torch.empty(strip * B, dtype=dt, device=dev) for _ in range(k)]
     rows_total = min(n, plan.group * B)
-    acc_buf = torch.empty(F, rows_total, coeffs.width, dtype=dt, device=dev)
+    acc_buf = torch.empty(rows_total, coeffs.width, dtype=dt, device=dev)
     direct_acc_buf = torch.empty(k, rows_total, c, dtype=dt, device=dev)
     out_buf = torch.empty(B, c, r, dtype=dt, device=dev)
+    tmp_buf = torch.empty(B if len(geom.frames) > 1 else 0, coeffs.width, dtype=dt, device=dev)
 
     for group in plan.groups(len(blocks)):
         g0 = blocks[group[0]].start
         span = blocks[group[-1]].stop - g0
-        acc = acc_buf[:, :span].zero_()
+        acc = acc_buf[:span].zero_()
         direct_acc = direct_acc_buf[:, :span].zero_()
         for I, J, mirrored in plan.pairs(group, len(blocks)):
             rows, cols = blocks[I], blocks[J]
@@ -197,10 +218,10 @@ def _symmetric(geom, alpha, evaluator, budget, plan, scratch_cells):
                 near = evaluator.evaluate(part, cols, view, gradient=True, direct=direct)
                 lp = slice(part.start - g0, part.stop - g0)
                 if near is not None:
-                    _add_near(geom, acc[:, lp], direct_acc[:, lp], near, alpha[cols])
+                    _add_near(geom, acc[lp], direct_acc[:, lp], near, alpha[cols])
                     if mirrored:
                         flipped = NearPairs(near.cols, near.rows, near.s, near.diff)
-                        _add_near(geom, acc[:, lc], direct_acc[:, lc], flipped, alpha[part], sign=-1.0)
+                        _add_near(geom, acc[lc], direct_acc[:, lc], flipped, alpha[part], sign=-1.0)
                 for q in range(k):
                     direct[q].mul_(view)
                     direct_acc[q, lp].addmm_(direct[q], alpha[cols])
@@ -211,14 +232,15 @@ def _symmetric(geom, alpha, evaluator, budget, plan, scratch_cells):
                     sr = slice(seg.rows.start - rows.start, seg.rows.stop - rows.start)
                     sc = slice(seg.cols.start - cols.start, seg.cols.stop - cols.start)
                     sub = tile[sr, sc]
-                    acc[seg.frame, seg.rows.start - g0:seg.rows.stop - g0].addmm_(sub, coeffs(seg.frame, seg.cols))
+                    _product(geom, acc[seg.rows.start - g0:seg.rows.stop - g0], sub, coeffs, seg.frame, seg.cols,
+                             seg.rows, tmp_buf, c)
                     if mirrored:
-                        acc[seg.frame, seg.cols.start - g0:seg.cols.stop - g0].addmm_(
-                            sub.T, coeffs(seg.frame, seg.rows))
+                        _product(geom, acc[seg.cols.start - g0:seg.cols.stop - g0], sub.T, coeffs, seg.frame,
+                                 seg.rows, seg.cols, tmp_buf, c)
         for I in group:
             rows = blocks[I]
             lr = slice(rows.start - g0, rows.stop - g0)
-            yield rows, _finish(geom, rows, acc[:, lr], direct_acc[:, lr], c, out_buf)
+            yield rows, _finish(geom, rows, acc[lr], direct_acc[:, lr], c, out_buf)
 
 
 __all__ = ["gradient_blocks", "stacked_coefficients", "BudgetError"]

@@ -24,6 +24,18 @@ from .geometry import Geometry
 from .kernels import KernelSpec
 
 
+# Pairs evaluated by tiles and pairs recomputed exactly, since the last reset (benchmarks report the exact share).
+_COUNTS = {"pairs": 0, "exact": 0}
+
+
+def pair_counts(reset: bool = False) -> dict:
+    """{"pairs": pairs evaluated in tiles, "exact": pairs recomputed exactly} since the last reset (a copy)."""
+    out = dict(_COUNTS)
+    if reset:
+        _COUNTS.update(pairs=0, exact=0)
+    return out
+
+
 class NearPairs(NamedTuple):
     """Near pairs of one tile: local row and column indices, exact s (float64) and, for gradient tiles, the exact
     scaled differences u_z - u_x (float64, (k, r))."""
@@ -150,9 +162,11 @@ class TileEvaluator:
     def finish_near(self, rows: slice, cols: slice, out: torch.Tensor, found: list,
                     gradient: bool) -> Optional[NearPairs]:
         """Exact recomputation of the near pairs ``found`` (lists of local (k, 2) indices) of a finished tile."""
+        _COUNTS["pairs"] += (rows.stop - rows.start) * (cols.stop - cols.start)
         if not found:
             return None
         idx = found[0] if len(found) == 1 else torch.cat(found)
+        _COUNTS["exact"] += idx.shape[0]
         r_loc, c_loc = idx[:, 0], idx[:, 1]
         r_abs, c_abs = r_loc + rows.start, c_loc + cols.start
         if gradient:

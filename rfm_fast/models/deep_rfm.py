@@ -10,6 +10,7 @@ import numpy as np
 import torch
 from sklearn.base import BaseEstimator
 
+from ..core.geometry import reuse
 from ..metrics import nc1, nc2
 from ..ops.api import agop, kernel_mv
 from ..solvers import krr_solve
@@ -157,17 +158,18 @@ class DeepRFM(BaseEstimator):
         self.metrics_: list[dict] = []
         for index in range(int(self.depth)):
             Xl = row_normalize(Xl)
-            alpha = self._ridge(Xl, targets)
-            train_pred = kernel_mv(Xl, Xl, alpha, **self._ops()).argmax(1)
-            record = {"train_accuracy": float((train_pred == codes_t).double().mean())}
-            if has_val:
-                V = row_normalize(V)
-                val_pred = kernel_mv(V, Xl, alpha, **self._ops()).argmax(1)
-                record["test_accuracy"] = float((val_pred == val_codes_t).double().mean())
-            sqrt_M = None
-            if self.projection == "agop":
-                G = agop(Xl, Xl, alpha, **self._ops())
-                sqrt_M = psd_sqrt(normalize_metric(symmetrize(G), "max"))
+            with reuse():  # the solve, the predictions and the AGOP share one prepared geometry of X_l
+                alpha = self._ridge(Xl, targets)
+                train_pred = kernel_mv(Xl, Xl, alpha, **self._ops()).argmax(1)
+                record = {"train_accuracy": float((train_pred == codes_t).double().mean())}
+                if has_val:
+                    V = row_normalize(V)
+                    val_pred = kernel_mv(V, Xl, alpha, **self._ops()).argmax(1)
+                    record["test_accuracy"] = float((val_pred == val_codes_t).double().mean())
+                sqrt_M = None
+                if self.projection == "agop":
+                    G = agop(Xl, Xl, alpha, **self._ops())
+                    sqrt_M = psd_sqrt(normalize_metric(symmetrize(G), "max"))
             layer = self._draw_layer(Xl.shape[1], generator, sqrt_M)
             Z = layer.project(Xl)
             F = layer.features(Z)
