@@ -237,6 +237,36 @@ class Geometry:
             return [Segment(rows, cols, 0)]
         return self.layout.segments(rows, cols, Segment)
 
+    @property
+    def framed_span(self) -> int:
+        """Points of the largest framed component (0 without frames): the most rows or columns one framed
+        rectangle can have, what the schedules reserve for a rectangle's local coefficients and product."""
+        if self.layout is None:
+            return 0
+        return max((b - a for comp, (a, b) in self.layout.x_ranges.items() if comp in self.layout.framed),
+                   default=0)
+
+    def blocks(self, block: int) -> list:
+        """Square blocks of at most ``block`` points for the symmetric schedule. With frames, blocks end at component
+        boundaries where they can (consecutive components packed greedily; a component longer than a block
+        split into full blocks), so that a pair of different blocks holds no framed rectangle and runs as one
+        GEMM: only blocks paired with themselves (or with another piece of the same component) are split."""
+        n = self.n
+        if self.layout is None:
+            return [slice(s, min(n, s + block)) for s in range(0, n, block)]
+        cuts, start = [], 0
+        for a, b, _ in self.layout.z_ranges:
+            while b - start > block:
+                if a > start:
+                    cuts.append(slice(start, a))
+                    start = a
+                    continue
+                cuts.append(slice(start, start + block))
+                start += block
+        if start < n:
+            cuts.append(slice(start, n))
+        return cuts
+
     def exact(self, r_idx: torch.Tensor, c_idx: torch.Tensor, with_diff: bool = False):
         """Exact s (and, with ``with_diff``, u_z - u_x in the factor's coordinates, (k, r)) of the pairs
         (z[r_idx], x[c_idx]) (permuted indices), from the original points in float64: exactly 0 for equal

@@ -61,16 +61,31 @@ def _product(geom: Geometry, acc: torch.Tensor, weights: torch.Tensor, coeffs: _
     """acc (rows' accumulator) += the weights' contribution W [alpha | V]_cols in ``frame``. Frame 0 accumulates
     (W alpha, W V) about the global centre; another frame's product P is finished at once, as the local gradient
     P_alpha (x) u_local - P_V, and folded into the V part (G~ = acc_alpha (x) u - acc_V)."""
-    rhs = coeffs(frame, cols)
     if frame == 0:
-        acc.addmm_(weights, rhs)
+        acc.addmm_(weights, coeffs(0, cols))
         return
-    R, re = weights.shape[0], geom.re
-    P = torch.mm(weights, rhs, out=tmp[:R])
-    local = geom.frames[frame].ze[rows]
-    acc_v = acc[:, c:].view(R, c, re)
-    acc_v.add_(P[:, c:].view(R, c, re))
-    acc_v.addcmul_(P[:, :c, None], local[:, None, :], value=-1.0)
+    # In chunks of the rows of ``tmp`` (the planner's share for a framed rectangle): first the columns, whose
+    # local coefficients are built per chunk, then the rows of the product.
+    step, re = tmp.shape[0], geom.re
+    for c0 in range(0, cols.stop - cols.start, step):
+        part = slice(cols.start + c0, min(cols.stop, cols.start + c0 + step))
+        rhs = coeffs(frame, part)
+        for r0 in range(0, weights.shape[0], step):
+            r1 = min(weights.shape[0], r0 + step)
+            R = r1 - r0
+            P = torch.mm(weights[r0:r1, c0:c0 + rhs.shape[0]], rhs, out=tmp[:R])
+            local = geom.frames[frame].ze[rows.start + r0:rows.start + r1]
+            acc_v = acc[r0:r1, c:].view(R, c, re)
+            acc_v.add_(P[:, c:].view(R, c, re))
+            acc_v.addcmul_(P[:, :c, None], local[:, None, :], value=-1.0)
+
+
+def _framed_chunk(geom: Geometry, width: int, item: int, budget: int) -> int:
+    """Rows (and columns) of a framed rectangle handled at once: the largest framed component, at most what an
+    eighth of the budget holds for its local coefficients and its product (two (rows, width) buffers)."""
+    if geom.framed_span == 0:
+        return 0
+    return max(1, min(geom.framed_span, budget // (16 * width * item)))
 
 
 def _finish(geom: Geometry, rows: slice, acc: torch.Tensor, direct_acc: Optional[torch.Tensor], c: int,
@@ -123,19 +138,19 @@ def gradient_blocks(geom: Geometry, alpha: torch.Tensor, evaluator: TileEvaluato
 
 def _one_sided(geom, alpha, evaluator, budget, scratch_cells, pair_weights):
     m, n, c, r, k = geom.m, geom.n, alpha.shape[1], geom.r, geom.kdir
-    framed = len(geom.frames) > 1
     item = alpha.element_size()
     coeffs = _Coefficients(geom, alpha, budget)
     width = coeffs.width
-    per_col = (0 if coeffs.whole or geom.re == 0 else width * item) + (width * item if framed else 0)
-    plan = plan_tiles(m, n, budget - coeffs.bytes,
-                      per_row=item * ((2 if framed else 1) * width + 2 * c * r + k * c), per_col=per_col,
+    span = _framed_chunk(geom, width, item, budget)
+    plan = plan_tiles(m, n, budget - coeffs.bytes, fixed=2 * span * width * item,
+                      per_row=item * (width + 2 * c * r + k * c),
+                      per_col=0 if coeffs.whole or geom.re == 0 else width * item,
                       per_cell=item * (1 + scratch_cells + k), device=alpha.device, what="a gradient tile")
     dev, dt = alpha.device, alpha.dtype
     tile_buf = torch.empty(plan.rows * plan.cols, dtype=dt, device=dev)
     direct_buf = [torch.empty(plan.rows * plan.cols, dtype=dt, device=dev) for _ in range(k)]
     acc_buf = torch.empty(plan.rows, width, dtype=dt, device=dev)
-    tmp_buf = torch.empty(plan.rows if framed else 0, width, dtype=dt, device=dev)
+    tmp_buf = torch.empty(span, width, dtype=dt, device=dev)
     direct_acc_buf = torch.empty(k, plan.rows, c, dtype=dt, device=dev)
     out_buf = torch.empty(plan.rows, c, r, dtype=dt, device=dev)
     for rows in plan.row_blocks(m):
@@ -169,12 +184,13 @@ def _symmetric_plan(geom, c, item, budget, scratch_cells):
     """Budget split of the symmetric schedule: the coefficients (whole if they fit half the budget, else two
     block slices per frame), one block x block tile, per block row the strip buffers (scratch, direct
     differences) and the output rows; the rest holds the group's accumulators."""
-    framed, r, k = len(geom.frames) > 1, geom.r, geom.kdir
+    r, k = geom.r, geom.kdir
     width = c + c * geom.re
     whole = geom.re > 0 and coefficients_whole(geom.n, width, item, budget)
-    fixed = geom.n * width * item if whole else 0
+    # A framed rectangle's local coefficients and product: at most the largest framed component's rows.
+    fixed = (geom.n * width * item if whole else 0) + 2 * _framed_chunk(geom, width, item, budget) * width * item
     strip = strip_rows(geom.device)
-    slices = (0 if whole or geom.re == 0 else 2 * width) + (3 * width if framed else 0)
+    slices = 0 if whole or geom.re == 0 else 2 * width
     per_block_row = item * (strip * (scratch_cells + k) + c * r + slices)
     return plan_symmetric(geom.n, budget, fixed=fixed, per_block_cell=item, per_block_row=per_block_row,
                           per_acc_row=item * (width + k * c), device=geom.device)
@@ -189,7 +205,7 @@ def _symmetric(geom, alpha, evaluator, budget, plan, scratch_cells):
     n, c, r, k = geom.n, alpha.shape[1], geom.r, geom.kdir
     dev, dt = alpha.device, alpha.dtype
     coeffs = _Coefficients(geom, alpha, budget)
-    blocks = plan.blocks(n)
+    blocks = geom.blocks(plan.block)
     B = plan.block
     strip = min(B, strip_rows(dev))
     tile_buf = torch.empty(B * B, dtype=dt, device=dev)
@@ -198,7 +214,8 @@ def _symmetric(geom, alpha, evaluator, budget, plan, scratch_cells):
     acc_buf = torch.empty(rows_total, coeffs.width, dtype=dt, device=dev)
     direct_acc_buf = torch.empty(k, rows_total, c, dtype=dt, device=dev)
     out_buf = torch.empty(B, c, r, dtype=dt, device=dev)
-    tmp_buf = torch.empty(B if len(geom.frames) > 1 else 0, coeffs.width, dtype=dt, device=dev)
+    tmp_buf = torch.empty(_framed_chunk(geom, coeffs.width, alpha.element_size(), budget), coeffs.width, dtype=dt,
+                          device=dev)
 
     for group in plan.groups(len(blocks)):
         g0 = blocks[group[0]].start

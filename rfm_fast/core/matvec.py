@@ -47,7 +47,7 @@ def kernel_mv(geom: Geometry, alpha: torch.Tensor, evaluator: TileEvaluator, bud
 
 
 def _symmetric(evaluator, geom, plan, alpha_t, out_t, strip):
-    blocks = plan.blocks(geom.n)
+    blocks = geom.blocks(plan.block)
     B = plan.block
     buf = torch.empty(strip * B, dtype=out_t.dtype, device=out_t.device)
     direct_buf = [torch.empty_like(buf) for _ in range(geom.kdir)]
