@@ -8,9 +8,11 @@ centre instead, a pair inside the cluster has norms of the cluster's size, and i
 
 What. The centres are split recursively along a direction (the line through the two means of a 2-means split of
 the node, else its top principal direction) wherever the projections leave a *gap* of at least tau =
-sqrt(8 near_rtol) R: any two points on different sides of a gap are at least tau apart, so every pair across
-components passes the near test in the global frame (s >= tau^2 >= 4 near_rtol (||u_z||^2 + ||u_x||^2)) with
-room to spare. Only gaps with at least MIN_FRAMED points on each side count. The leaves are the components;
+sqrt(8 near_rtol) R_node (R_node the node's radius about its mean): any two points on different sides of a gap
+are at least tau apart, so at the top level every pair across components passes the near test in the global
+frame (s >= tau^2 >= 4 near_rtol (||u_z||^2 + ||u_x||^2)) with room to spare; deeper splits (the partly collapsed
+classes inside one wide component) are certified at their node's scale, and their cross pairs are evaluated in
+the global frame, near or not, as they would be without the split. Only gaps with at least MIN_FRAMED points on each side count. The leaves are the components;
 those with at least MIN_FRAMED points, a sample of whose pairs shows at least FRAME_SHARE failing the
 global near test, get a frame of their own: pairs of points of one framed component are evaluated in coordinates
 about its centre (``Geometry.segments``). Points are ordered by component, so a component is a contiguous range
@@ -43,6 +45,8 @@ FRAME_SAMPLE = 128
 SEARCH_SAMPLE = 256
 MAX_COMPONENTS = 256
 LLOYD_STEPS = 2
+# A 2-means split without a gap is taken when its halves keep at most this share of the node's spread.
+SPLIT_GAIN = 0.25
 
 
 @dataclass
@@ -65,9 +69,11 @@ def _largest_gap(p: torch.Tensor):
     return float(gaps[i]), float(0.5 * (values[j] + values[j + 1]))
 
 
-def _directions(P: torch.Tensor):
-    """Candidate split directions of the points P (k, r): the 2-means axis, then the top principal direction.
-    Distances by expansion (approximate is enough to split), so no (k, r) temporaries are formed."""
+def _two_means(P: torch.Tensor):
+    """A 2-means split of the points P (k, r) (farthest-point start, LLOYD_STEPS Lloyd steps; distances by
+    expansion, which is accurate enough to split, so no (k, r) temporaries): (unit axis w, the boundary's
+    projection on w, the points' projections, the share of P's spread about its mean that the two halves keep
+    about theirs), or None when P does not split."""
     k = P.shape[0]
     norms = (P * P).sum(1)
     mean = P.mean(0)
@@ -77,29 +83,68 @@ def _directions(P: torch.Tensor):
 
     c1 = farthest(mean)
     c2 = farthest(c1)
-    for _ in range(LLOYD_STEPS):
+    left = None
+    for _ in range(LLOYD_STEPS + 1):
         left = (P @ (c2 - c1)) * 2.0 <= (c2 * c2).sum() - (c1 * c1).sum()
         count = int(left.sum())
         if count in (0, k):
-            break
+            return None
         c1, c2 = P[left].mean(0), P[~left].mean(0)
     w = c2 - c1
-    if float(w.norm()) > 0:
-        yield w / w.norm()
-    v = farthest(mean) - mean
+    norm = float(w.norm())
+    if not norm > 0:
+        return None
+    w = w / norm
+    spread = float(norms.mean() - (mean * mean).sum())
+    kept = float((norms[left].mean() - (c1 * c1).sum()) * (count / k)
+                 + (norms[~left].mean() - (c2 * c2).sum()) * (1 - count / k))
+    boundary = float(0.5 * ((c1 + c2) @ w))
+    return w, boundary, P @ w, (kept / spread if spread > 0 else 1.0)
+
+
+def _principal(P: torch.Tensor) -> Optional[torch.Tensor]:
+    """P's top principal direction (a few power steps), or None."""
+    k = P.shape[0]
+    mean = P.mean(0)
+    v = P[torch.argmax(((P - mean) ** 2).sum(1))] - mean if k <= 4096 else P[0] - mean
     for _ in range(2):
         v = P.T @ (P @ v) - k * mean * float(mean @ v)
         norm = float(v.norm())
         if not norm > 0:
-            return
+            return None
         v = v / norm
-    yield v
+    return v
+
+
+def _split(P: torch.Tensor, tau: float):
+    """(direction, threshold, left mask) for a node's points P, or None. A gap of at least tau along the 2-means
+    axis or the top principal direction certifies the split (module docstring); failing that, a 2-means split
+    whose halves keep at most SPLIT_GAIN of the spread about their own means (clusters that touch or overlap:
+    the partly collapsed classes of a Deep RFM layer) is taken too: pairs across it are evaluated in the global
+    frame, and the few of them that are near are recomputed exactly, as without the split."""
+    found = _two_means(P)
+    if found is not None:
+        w, boundary, projection, kept = found
+        gap, threshold = _largest_gap(projection)
+        if gap >= tau:
+            return w, threshold, projection < threshold
+        left = projection < boundary
+        count = int(left.sum())
+        if kept <= SPLIT_GAIN and MIN_FRAMED <= count <= P.shape[0] - MIN_FRAMED:
+            return w, boundary, left
+    v = _principal(P)
+    if v is not None:
+        projection = P @ v
+        gap, threshold = _largest_gap(projection)
+        if gap >= tau:
+            return v, threshold, projection < threshold
+    return None
 
 
 class Components:
     """Gap-certified components of the centres (see the module docstring)."""
 
-    def __init__(self, u: torch.Tensor, tau: float):
+    def __init__(self, u: torch.Tensor, near_rtol: float):
         n = u.shape[0]
         self.root = _Node(torch.arange(n, device=u.device))
         leaves, stack = [], [self.root]
@@ -108,12 +153,9 @@ class Components:
             split = None
             if node.index.numel() >= 2 * MIN_FRAMED and len(leaves) + len(stack) + 1 < MAX_COMPONENTS:
                 P = u if node.index.numel() == n else u[node.index]
-                for w in _directions(P):
-                    projection = P @ w
-                    gap, threshold = _largest_gap(projection)
-                    if gap >= tau:
-                        split = (w, threshold, projection < threshold)
-                        break
+                mean = P.mean(0)
+                radius = float(((P * P).sum(1) - 2.0 * (P @ mean) + (mean * mean).sum()).max().clamp_min(0).sqrt())
+                split = _split(P, gap_threshold(near_rtol, radius))
             if split is None:
                 node.label = len(leaves)
                 leaves.append(node)

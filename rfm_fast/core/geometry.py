@@ -28,7 +28,7 @@ from typing import NamedTuple, Optional
 
 import torch
 
-from .frames import MIN_FRAMED, Components, Layout, framed_components, gap_threshold, ranges, worth_searching
+from .frames import MIN_FRAMED, Components, Layout, framed_components, ranges, worth_searching
 from .kernels import KernelSpec
 from .metric import MetricFactor
 
@@ -180,8 +180,7 @@ class Geometry:
         order the points by component and add the frame of coordinates about each component's centre."""
         if not worth_searching(ue_x, rtol_e):
             return
-        radius = float((ue_x * ue_x).sum(1).max().sqrt())
-        comps = Components(ue_x, gap_threshold(rtol_e, radius))
+        comps = Components(ue_x, rtol_e)
         if comps.count < 2:
             return
         labels_x = comps.labels
