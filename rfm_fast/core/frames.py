@@ -116,12 +116,14 @@ def _principal(P: torch.Tensor) -> Optional[torch.Tensor]:
     return v
 
 
-def _split(P: torch.Tensor, tau: float):
+def _split(P: torch.Tensor, tau: float, near_rtol: float):
     """(direction, threshold, left mask) for a node's points P, or None. A gap of at least tau along the 2-means
     axis or the top principal direction certifies the split (module docstring); failing that, a 2-means split
     whose halves keep at most SPLIT_GAIN of the spread about their own means (clusters that touch or overlap:
     the partly collapsed classes of a Deep RFM layer) is taken too: pairs across it are evaluated in the global
-    frame, and the few of them that are near are recomputed exactly, as without the split."""
+    frame, and the few of them that are near are recomputed exactly, as without the split. Such a split needs its
+    halves' means apart by more than the global frame's near radius, sqrt(8 near_rtol) times the points' rms
+    distance from the global centre: splitting one tight cluster would only make near cross pairs."""
     found = _two_means(P)
     if found is not None:
         w, boundary, projection, kept = found
@@ -130,7 +132,9 @@ def _split(P: torch.Tensor, tau: float):
             return w, threshold, projection < threshold
         left = projection < boundary
         count = int(left.sum())
-        if kept <= SPLIT_GAIN and MIN_FRAMED <= count <= P.shape[0] - MIN_FRAMED:
+        separation = float(projection[left].mean() - projection[~left].mean()) if 0 < count < P.shape[0] else 0.0
+        wide = separation**2 >= 8.0 * near_rtol * float((P * P).sum(1).mean())
+        if kept <= SPLIT_GAIN and wide and MIN_FRAMED <= count <= P.shape[0] - MIN_FRAMED:
             return w, boundary, left
     v = _principal(P)
     if v is not None:
@@ -155,7 +159,7 @@ class Components:
                 P = u if node.index.numel() == n else u[node.index]
                 mean = P.mean(0)
                 radius = float(((P * P).sum(1) - 2.0 * (P @ mean) + (mean * mean).sum()).max().clamp_min(0).sqrt())
-                split = _split(P, gap_threshold(near_rtol, radius))
+                split = _split(P, gap_threshold(near_rtol, radius), near_rtol)
             if split is None:
                 node.label = len(leaves)
                 leaves.append(node)
