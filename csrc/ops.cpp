@@ -9,7 +9,9 @@
 //
 //   tile_pass_ (CPU) -> in place on a tile holding sign * s: the near test and the values (gradient = false) or
 //                      the gradient weights (gradient = true, near entries set to 0); returns the near pairs as
-//                      (k, 2) int64 local (row, col) indices.
+//                      (k, 2) int64 local (row, col) indices. With zh (R, k), xh (k, C) (k <= 4 directly formed
+//                      coordinates' high parts) it first adds sum (zh - xh)^2 to s, and a gradient pass writes
+//                      w (zh - xh) into dout (k, R, C).
 //   kernel_mv (CUDA)   -> (m, c):  f_j = sum_i alpha_i k(z_j, x_i)
 //   kernel_grad (CUDA) -> (m, c + c r): per row [sum_i w alpha_i | sum_i w alpha_i (x) u_x,i - near field], the
 //                      accumulator from which the core forms G~ = acc_alpha (x) u_z - acc_V (rfm_fast/core/gradient.py)
@@ -20,7 +22,9 @@
 #include <torch/library.h>
 
 TORCH_LIBRARY(rfm_fast, m) {
-  m.def("tile_pass_(Tensor(a!) tile, Tensor bz, Tensor bx, float sign, bool laplace, bool gradient) -> Tensor");
+  m.def(
+      "tile_pass_(Tensor(a!) tile, Tensor bz, Tensor bx, float sign, bool laplace, bool gradient, Tensor? zh=None, "
+      "Tensor? xh=None, Tensor(b!)? dout=None) -> Tensor");
   m.def(
       "kernel_mv(Tensor ze, Tensor xe, Tensor zn, Tensor xn, Tensor bz, Tensor bx, Tensor alpha, Tensor z, "
       "Tensor x, Tensor? F, float sigma, bool laplace, bool direct, int tile_rows) -> Tensor");

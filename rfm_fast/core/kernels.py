@@ -36,10 +36,11 @@ KERNELS = ("laplace", "gaussian")
 # above it keeps a relative error of about eps / rtol in s: 2^-16 for float32 (eps 2^-24) and 2^-37 for float64,
 # which the Laplace weight 1/r passes straight on to a gradient. "tf32": Triton's one-pass tf32 dot (eps 2^-11).
 _NEAR_RTOL = {"float16": 2.0**-4, "bfloat16": 2.0**-4, "float32": 2.0**-8, "float64": 2.0**-16, "tf32": 2.0**-5}
-# Threshold of directly formed coordinates (compensated float32 hi + lo pairs, or float64): their differences are
-# accurate to ~2^-48 (float32) or 2^-52 (float64) of the coordinates, so only pairs a few units of that apart,
-# duplicates whose transformed rows differ in the last bits, need the exact recomputation.
-_DIRECT_RTOL = {"float16": 2.0**-40, "bfloat16": 2.0**-40, "float32": 2.0**-60, "float64": 2.0**-38}
+# Threshold of directly formed coordinates (compensated float32 hi + lo pairs, or float64). float32: value tiles
+# form (t_z - t_x)^2 as dhi^2 + 2 dhi dlo and leave out dlo^2 <= 2^-48 ||t||^2, so pairs with s below 2^-32 ||t||^2
+# (|dt| < 2^-16 |t|: a vanishing share) are recomputed to keep a relative error below 2^-16; float64 differences
+# are accurate to ~2^-52 of the coordinates.
+_DIRECT_RTOL = {"float16": 2.0**-24, "bfloat16": 2.0**-24, "float32": 2.0**-32, "float64": 2.0**-38}
 
 
 def _dtype_key(dtype: torch.dtype) -> str:

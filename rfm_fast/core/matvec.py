@@ -21,7 +21,7 @@ from .tiles import TileEvaluator
 
 def kernel_mv(geom: Geometry, alpha: torch.Tensor, evaluator: TileEvaluator, budget: int) -> torch.Tensor:
     """(m, c) = K alpha in the permuted order of the evaluation points (alpha (n, c) permuted like the centres)."""
-    m, n, c, k = geom.m, geom.n, alpha.shape[1], geom.kdir
+    m, n, c, k = geom.m, geom.n, alpha.shape[1], min(1, geom.kdir)  # one difference buffer
     item = alpha.element_size()
     dev, dt = alpha.device, alpha.dtype
     alpha_t = alpha.T.contiguous()
@@ -50,7 +50,7 @@ def _symmetric(evaluator, geom, plan, alpha_t, out_t, strip):
     blocks = geom.blocks(plan.block)
     B = plan.block
     buf = torch.empty(strip * B, dtype=out_t.dtype, device=out_t.device)
-    direct_buf = [torch.empty_like(buf) for _ in range(geom.kdir)]
+    direct_buf = [torch.empty_like(buf) for _ in range(min(1, geom.kdir))]
     for I, J, mirrored in plan.pairs(range(len(blocks)), len(blocks)):
         rows, cols = blocks[I], blocks[J]
         for s0 in range(rows.start, rows.stop, strip):
@@ -68,7 +68,7 @@ def _symmetric(evaluator, geom, plan, alpha_t, out_t, strip):
 def kernel_matrix(geom: Geometry, evaluator: TileEvaluator, budget: int) -> torch.Tensor:
     """(m, n) kernel matrix in the permuted order of both point sets. Extra memory: the direct-coordinate
     differences of one row block (none without direct coordinates)."""
-    m, n, k = geom.m, geom.n, geom.kdir
+    m, n, k = geom.m, geom.n, min(1, geom.kdir)  # one difference buffer: value tiles reuse it
     item = torch.finfo(geom.dtype).bits // 8
     out = torch.empty(m, n, dtype=geom.dtype, device=geom.device)
     plan = plan_tiles(m, n, budget, per_cell=item * k, device=geom.device, preferred=(strip_rows(geom.device), n),

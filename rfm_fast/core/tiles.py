@@ -99,62 +99,84 @@ class TileEvaluator:
     def __init__(self, geom: Geometry, elementwise: Optional[ElementwisePass]):
         self.geom, self.elementwise = geom, elementwise
         self.spec = geom.spec
-        self._augmented = None
+        self._augmented = {}
+        # A pass that adds the directly formed coordinates itself (``fuses_direct``: the compiled one) also leaves
+        # w * (hi_z - hi_x) in the gradient's difference buffers (``weighted_direct``).
+        self.fused_direct = bool(getattr(elementwise, "fuses_direct", False)) and 0 < geom.kdir <= 4
+        self.weighted_direct = self.fused_direct
 
-    @property
-    def _aug(self) -> list:
-        """Per frame (z_aug, x_aug^T), built on first use."""
-        if self._augmented is None:
-            sign = self.spec.tile_sign
-            self._augmented = []
-            for frame in self.geom.frames:
-                if self.geom.re == 0:
-                    self._augmented.append(None)
+    def _aug(self, cross: bool) -> list:
+        """Per frame (z_aug, x_aug^T), built on first use. With ``cross``, the factors also carry the cross term
+        2 dhi dlo of the directly formed coordinates (see ``distances``)."""
+        if cross not in self._augmented:
+            geom, sign = self.geom, self.spec.tile_sign
+            built = []
+            for frame in geom.frames:
+                zcols, xcols = [frame.ze], [-2.0 * frame.xe]
+                zn, xn = frame.zn, frame.xn
+                if cross:
+                    (zh, zl), (xh, xl) = geom.zt, geom.xt
+                    # 2 dhi dlo = 2 hi_z lo_z + 2 hi_x lo_x - 2 hi_z lo_x - 2 lo_z hi_x
+                    zn = zn + 2.0 * (zh * zl).sum(1)
+                    xn = xn + 2.0 * (xh * xl).sum(1)
+                    zcols += [zh, zl]
+                    xcols += [-2.0 * xl, -2.0 * xh]
+                if zcols[0].shape[1] == 0 and len(zcols) == 1:
+                    built.append(None)
                     continue
-                ones_x = torch.ones_like(frame.xn)[:, None]
-                x_aug_t = torch.cat([(-2.0 * sign) * frame.xe, sign * ones_x, (sign * frame.xn)[:, None]], 1).T
-                if self.geom.same:
-                    z_aug = torch.cat([frame.xe, frame.xn[:, None], ones_x], 1)
-                else:
-                    z_aug = torch.cat([frame.ze, frame.zn[:, None], torch.ones_like(frame.zn)[:, None]], 1)
-                self._augmented.append((z_aug.contiguous(), x_aug_t.contiguous()))
-        return self._augmented
+                ones_x = torch.ones_like(xn)[:, None]
+                x_aug_t = torch.cat([sign * t for t in xcols] + [sign * ones_x, (sign * xn)[:, None]], 1).T
+                z_aug = torch.cat(zcols + [zn[:, None], torch.ones_like(zn)[:, None]], 1)
+                built.append((z_aug.contiguous(), x_aug_t.contiguous()))
+            self._augmented[cross] = built
+        return self._augmented[cross]
 
-    def distances(self, rows: slice, cols: slice, out: torch.Tensor,
-                  direct: Optional[list] = None) -> None:
-        """tile_sign * s for the tile (rows, cols) into ``out`` (len rows, len cols); ``direct``: kdir buffers of
-        the tile's shape that receive the coordinate differences t_z - t_x (else one scratch is allocated)."""
+    def distances(self, rows: slice, cols: slice, out: torch.Tensor, direct: Optional[list] = None,
+                  differences: bool = False) -> None:
+        """tile_sign * s for the tile (rows, cols) into ``out`` (len rows, len cols). Directly formed coordinates
+        add (t_z - t_x)^2 each: dhi = hi_z - hi_x is formed directly (one pass) and, for compensated coordinates,
+        the cross term 2 dhi dlo rides in the GEMM (its rounding, ~eps^2 |t|^2, and the omitted dlo^2 are covered
+        by the direct near threshold). ``direct`` holds buffers of the tile's shape for dhi: kdir of them with
+        ``differences`` (gradient tiles use dhi again: ``rfm_fast.core.gradient``), else one, reused."""
         geom = self.geom
+        zl = geom.zt[1] if geom.kdir else None
+        cross = geom.kdir > 0 and zl is not None
+        aug_all = self._aug(cross)
         for seg in geom.segments(rows, cols):
             view = out[seg.rows.start - rows.start:seg.rows.stop - rows.start,
                        seg.cols.start - cols.start:seg.cols.stop - cols.start]
-            aug = self._aug[seg.frame]
+            aug = aug_all[seg.frame]
             if aug is None:
                 view.zero_()
             else:
                 torch.mm(aug[0][seg.rows], aug[1][:, seg.cols], out=view)
-        if geom.kdir == 0:
+        if geom.kdir == 0 or self.fused_direct:
             return
         (zh, zl), (xh, xl) = geom.zt, geom.xt
         sign = self.spec.tile_sign
         for k in range(geom.kdir):
-            D = direct[k] if direct is not None else torch.empty_like(out)
+            D = direct[k if differences else 0] if direct is not None and len(direct) else torch.empty_like(out)
             torch.sub(zh[rows, k, None], xh[None, cols, k], out=D)
-            if zl is not None:
-                D.add_(zl[rows, k, None]).sub_(xl[None, cols, k])
             out.addcmul_(D, D, value=sign)
 
     def evaluate(self, rows: slice, cols: slice, out: torch.Tensor, *, gradient: bool,
                  direct: Optional[list] = None) -> Optional[NearPairs]:
         """The finished tile (values, or gradient weights with near pairs at 0) in ``out``, and its near pairs."""
-        self.distances(rows, cols, out, direct)
+        self.distances(rows, cols, out, direct, differences=gradient)
         geom = self.geom
         found = []
         for seg in geom.segments(rows, cols):
             r0, c0 = seg.rows.start - rows.start, seg.cols.start - cols.start
             view = out[r0:seg.rows.stop - rows.start, c0:seg.cols.stop - cols.start]
             frame = geom.frames[seg.frame]
-            idx = self.elementwise(view, frame.bz[seg.rows], frame.bx[seg.cols], self.spec, gradient)
+            if self.fused_direct:
+                dout = None
+                if gradient:
+                    dout = direct[:, r0:seg.rows.stop - rows.start, c0:seg.cols.stop - cols.start]
+                idx = self.elementwise(view, frame.bz[seg.rows], frame.bx[seg.cols], self.spec, gradient,
+                                       direct=(geom.zt[0][seg.rows], geom.xt[0][seg.cols], dout))
+            else:
+                idx = self.elementwise(view, frame.bz[seg.rows], frame.bx[seg.cols], self.spec, gradient)
             if idx.numel():
                 found.append(idx + torch.tensor([r0, c0], device=idx.device))
         return self.finish_near(rows, cols, out, found, gradient)

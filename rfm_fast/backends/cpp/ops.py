@@ -13,10 +13,17 @@ from ...core.kernels import KernelSpec
 
 class CompiledPass:
     """``ElementwisePass`` through ``torch.ops.rfm_fast.tile_pass_``; the kernel description's sign and formula
-    choice are passed as arguments."""
+    choice are passed as arguments. It also forms the directly formed coordinates' part of s (and, in gradient
+    tiles, the weighted differences) in the same pass (``fuses_direct``)."""
 
-    def __call__(self, tile, bz, bx, spec: KernelSpec, gradient: bool):
-        return torch.ops.rfm_fast.tile_pass_(tile, bz, bx, spec.tile_sign, spec.laplace, gradient)
+    fuses_direct = True
+
+    def __call__(self, tile, bz, bx, spec: KernelSpec, gradient: bool, direct=None):
+        if direct is None:
+            return torch.ops.rfm_fast.tile_pass_(tile, bz, bx, spec.tile_sign, spec.laplace, gradient)
+        zh, xh, dout = direct
+        return torch.ops.rfm_fast.tile_pass_(tile, bz, bx, spec.tile_sign, spec.laplace, gradient,
+                                             zh.contiguous(), xh.T.contiguous(), dout)
 
 
 _pass = core.pass_evaluator(CompiledPass())
