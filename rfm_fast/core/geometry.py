@@ -22,6 +22,7 @@ Everything else (tiles, schedules, backends) reads these arrays; none of them re
 
 from __future__ import annotations
 
+import math
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import NamedTuple, Optional
@@ -40,6 +41,12 @@ HYBRID_MAX_K = 2
 HYBRID_REST_SHARE = 2.0**-8
 # The decision and the rotation come from the spread of at most this many centres (spaced evenly in their order).
 HYBRID_SAMPLE = 4096
+# float32 data whose expanded distances would carry a relative error above WIDE_ERROR in the kernel values get
+# their distance GEMMs in float64 (``Geometry.wide``): the expansion's absolute error in s is ~8 eps (||u_z||^2 +
+# ||u_x||^2) / 2 (measured: 1.3e-5 AGOP error at a mean ||u||^2 of 24, Gaussian), and a Gaussian value takes it
+# whole (a Laplace value divided by 2 sqrt(s)), however far apart the pair is.
+WIDE_ERROR = 2.0**-20
+WIDE_SAMPLE = 1024
 # Exact recomputations are formed this many elements at a time (bounded working memory).
 EXACT_CHUNK_ELEMS = 2**20
 
@@ -90,6 +97,8 @@ class Frame:
     xn: torch.Tensor  # (n,)
     bz: torch.Tensor  # (m,)  near bound terms
     bx: torch.Tensor  # (n,)
+    ze64: Optional[torch.Tensor] = None  # float64 copies for the distance GEMM of a wide geometry
+    xe64: Optional[torch.Tensor] = None
 
 
 class Segment(NamedTuple):
@@ -115,6 +124,7 @@ class Geometry:
         self.kdir = kdir
         self.perm_z, self.perm_x = perm_z, perm_x  # permuted position -> caller's index (None: identity)
         self.layout, self.labels_z = layout, labels_z  # components (frames.Layout) and z's sorted labels
+        self.wide = False  # distance GEMMs in float64 (``WIDE_ERROR``)
         self.dtype, self.device = z.dtype, z.device
         self.m, self.n, self.d = z.shape[0], x.shape[0], z.shape[1]
         self.r = factor.r
@@ -122,21 +132,24 @@ class Geometry:
 
     @classmethod
     def build(cls, z: torch.Tensor, x: torch.Tensor, M: Optional[torch.Tensor], spec: KernelSpec, *,
-              precision: Optional[str] = None, allow_direct: bool = True, allow_frames: bool = True) -> "Geometry":
+              precision: Optional[str] = None, allow_direct: bool = True, allow_frames: bool = True,
+              allow_wide: bool = True) -> "Geometry":
         """Prepare z (m, d), x (n, d) (one float dtype and device) for ``spec``. ``precision="tf32"`` selects the
         near threshold of tf32 products (Triton); ``allow_direct=False`` keeps every coordinate in the expansion
-        and ``allow_frames=False`` one centring frame (for kernels that have neither)."""
+        and ``allow_frames=False`` one centring frame, ``allow_wide=False`` no float64 distance GEMMs (for kernels
+        that have none of these)."""
+        options = (precision, allow_direct, allow_frames, allow_wide)
         if _REUSE is not None:
-            key = _reuse_key(z, x, M, spec, (precision, allow_direct, allow_frames))
+            key = _reuse_key(z, x, M, spec, options)
             hit = _REUSE.get(key)
             if hit is None:
-                hit = (cls._prepare(z, x, M, spec, precision, allow_direct, allow_frames), (z, x, M))
+                hit = (cls._prepare(z, x, M, spec, *options), (z, x, M))
                 _REUSE[key] = hit
             return hit[0]
-        return cls._prepare(z, x, M, spec, precision, allow_direct, allow_frames)
+        return cls._prepare(z, x, M, spec, *options)
 
     @classmethod
-    def _prepare(cls, z, x, M, spec, precision, allow_direct, allow_frames) -> "Geometry":
+    def _prepare(cls, z, x, M, spec, precision, allow_direct, allow_frames, allow_wide) -> "Geometry":
         same = same_points(z, x)
         dtype, device = z.dtype, z.device
         factor = MetricFactor.from_matrix(M, z.shape[1], dtype, device)
@@ -159,6 +172,16 @@ class Geometry:
         _check_range(ue_x, "centers")
         if not same:
             _check_range(ue_z, "x")
+        wide = allow_wide and dtype == torch.float32 and _wide_needed(ue_x, spec)
+        ue64_x = ue64_z = None
+        if wide or 0 < kdir < factor.r:
+            # float64 coordinates, rounded once: for the float64 distance GEMMs of a wide geometry, and because
+            # the expansion part of a hybrid split has norms far below the data's offset from the centre, which
+            # a float32 transform of (t - c) would leave as its error.
+            ue64_x = factor.transform(x.to(torch.float64) - centre, sigma)
+            ue64_z = ue64_x if same else factor.transform(z.to(torch.float64) - centre, sigma)
+            ue_x = ue64_x.to(dtype)
+            ue_z = ue_x if same else ue64_z.to(dtype)
         zt = xt = None
         rtol_e = spec.near_rtol(dtype, precision)
         rtol_d = spec.direct_rtol(dtype)
@@ -169,15 +192,23 @@ class Geometry:
             tn_z = tn_x if same else (zt[0] * zt[0]).sum(1)
         xe = ue_x[:, kdir:].contiguous()
         ze = xe if same else ue_z[:, kdir:].contiguous()
-        frame = _frame(ze, xe, same, rtol_e, rtol_d, tn_z, tn_x)
+        if wide:
+            rtol_e = spec.near_rtol(torch.float64)
+        frame = _frame(ze, xe, same, rtol_e, rtol_d, tn_z, tn_x,
+                       *((None, None) if not wide else (ue64_z[:, kdir:].contiguous(), ue64_x[:, kdir:].contiguous())))
         geom = cls(spec, factor, z, x, same, [frame], zt, xt, kdir, None, None)
+        geom.wide = wide
         if allow_frames and x.shape[0] >= 2 * MIN_FRAMED and factor.r > DIRECT_MAX_R and ue_x.numel():
-            geom._add_frames(ue_x, ue_z, rtol_e, rtol_d)
+            geom._add_frames(ue_x, ue_z, spec.near_rtol(dtype, precision), rtol_d, ue64_x is not None, rtol_e)
         return geom
 
-    def _add_frames(self, ue_x: torch.Tensor, ue_z: torch.Tensor, rtol_e: float, rtol_d: float) -> None:
+    def _add_frames(self, ue_x: torch.Tensor, ue_z: torch.Tensor, rtol_e: float, rtol_d: float, exact64: bool,
+                    frame_rtol: float) -> None:
         """Find the gap-certified components of the centres (``rfm_fast.core.frames``); when some get a frame,
-        order the points by component and add the frame of coordinates about each component's centre."""
+        order the points by component and add the frame of coordinates about each component's centre.
+        ``rtol_e`` is the near threshold of the working dtype (which decides whether frames help); ``frame_rtol``
+        the one the frames' bounds use (float64's for a wide geometry); ``exact64``: form the local coordinates in
+        float64 too."""
         if not worth_searching(ue_x, rtol_e):
             return
         comps = Components(ue_x, rtol_e)
@@ -197,24 +228,38 @@ class Geometry:
         x64 = self.x.to(torch.float64)
         origin = torch.zeros(K, self.d, dtype=torch.float64, device=ue_x.device).index_add_(0, labels_x, x64)
         origin = (origin / counts.clamp_min(1)[:, None]).to(self.dtype)
-        keep = framed.to(self.dtype)[:, None]
+        keep = framed[:, None]
         x, z = self.x[perm_x], self.x[perm_x] if self.same else self.z[perm_z]
         sigma = self.spec.coord_scale
-        local_x = self.factor.transform(x - origin[lx], sigma)
-        local_z = local_x if self.same else self.factor.transform(z - origin[lz], sigma)
+        work = torch.float64 if exact64 else self.dtype
+        local_x = self.factor.transform(x.to(work) - origin[lx].to(work), sigma)
+        local_z = local_x if self.same else self.factor.transform(z.to(work) - origin[lz].to(work), sigma)
         glob = self.frames[0]
-        ge_x, ge_z = glob.xe[perm_x], glob.xe[perm_x] if self.same else glob.ze[perm_z]
         k = self.kdir
-        le_x = torch.where(keep[lx].bool(), local_x[:, k:], ge_x).contiguous()
-        le_z = le_x if self.same else torch.where(keep[lz].bool(), local_z[:, k:], ge_z).contiguous()
+
+        def mixed(local, labels, perm, glob_e, glob_e64):
+            own = local[:, k:]
+            chosen = torch.where(keep[labels], own.to(self.dtype), glob_e[perm]).contiguous()
+            wide = None if glob_e64 is None else torch.where(keep[labels], own, glob_e64[perm]).contiguous()
+            return chosen, wide
+
+        le_x, le64_x = mixed(local_x, lx, perm_x, glob.xe, glob.xe64)
+        if self.same:
+            le_z, le64_z = le_x, le64_x
+        else:
+            le_z, le64_z = mixed(local_z, lz, perm_z, glob.ze, glob.ze64)
+        ge_x, ge_z = glob.xe[perm_x], glob.xe[perm_x] if self.same else glob.ze[perm_z]
+        ge64_x = None if glob.xe64 is None else glob.xe64[perm_x]
+        ge64_z = ge64_x if self.same or glob.ze64 is None else glob.ze64[perm_z]
         tn_x = tn_z = None
         if k:
             self.xt = tuple(None if t is None else t[perm_x].contiguous() for t in self.xt)
             self.zt = self.xt if self.same else tuple(None if t is None else t[perm_z].contiguous() for t in self.zt)
             tn_x = (self.xt[0] * self.xt[0]).sum(1)
             tn_z = tn_x if self.same else (self.zt[0] * self.zt[0]).sum(1)
-        self.frames = [_frame(ge_z.contiguous(), ge_x.contiguous(), self.same, rtol_e, rtol_d, tn_z, tn_x),
-                       _frame(le_z, le_x, self.same, rtol_e, rtol_d, tn_z, tn_x)]
+        self.frames = [_frame(ge_z.contiguous(), ge_x.contiguous(), self.same, frame_rtol, rtol_d, tn_z, tn_x, ge64_z,
+                              ge64_x),
+                       _frame(le_z, le_x, self.same, frame_rtol, rtol_d, tn_z, tn_x, le64_z, le64_x)]
         self.x, self.z = x.contiguous(), x.contiguous() if self.same else z.contiguous()
         if self.same:
             self.z = self.x
@@ -287,14 +332,17 @@ class Geometry:
         """The geometry of the evaluation points z[idx] (sorted permuted indices) against the same centres: shares
         every centre-side array (the sample of the shifted centring, ``rfm_fast.core.agop``); its rows stay in
         permuted order, so ``perm_z`` is None."""
-        frames = [Frame(f.ze[idx], f.xe, f.zn[idx], f.xn, f.bz[idx], f.bx) for f in self.frames]
+        frames = [Frame(f.ze[idx], f.xe, f.zn[idx], f.xn, f.bz[idx], f.bx,
+                        None if f.ze64 is None else f.ze64[idx], f.xe64) for f in self.frames]
         zt = None if self.zt is None else tuple(None if t is None else t[idx] for t in self.zt)
         layout, labels = None, None
         if self.layout is not None:
             labels = self.labels_z[idx]
             layout = Layout(ranges(labels), self.layout.x_ranges, self.layout.framed)
-        return Geometry(self.spec, self.factor, self.z[idx], self.x, False, frames, zt, self.xt, self.kdir, None,
-                        self.perm_x, layout, labels)
+        sub = Geometry(self.spec, self.factor, self.z[idx], self.x, False, frames, zt, self.xt, self.kdir, None,
+                       self.perm_x, layout, labels)
+        sub.wide = self.wide
+        return sub
 
     # ---- back to the input coordinates ------------------------------------------------------------------
     def gradient_to_input(self, G: torch.Tensor) -> torch.Tensor:
@@ -318,7 +366,7 @@ class Geometry:
         return alpha if self.perm_x is None else alpha[self.perm_x]
 
 
-def _frame(ze, xe, same, rtol_e, rtol_d, tn_z, tn_x) -> Frame:
+def _frame(ze, xe, same, rtol_e, rtol_d, tn_z, tn_x, ze64=None, xe64=None) -> Frame:
     xn = (xe * xe).sum(1)
     zn = xn if same else (ze * ze).sum(1)
     bx = rtol_e * xn
@@ -326,7 +374,20 @@ def _frame(ze, xe, same, rtol_e, rtol_d, tn_z, tn_x) -> Frame:
     if tn_x is not None:
         bx = bx + rtol_d * tn_x
         bz = bx if same else bz + rtol_d * tn_z
-    return Frame(ze, xe, zn, xn, bz.contiguous(), bx.contiguous())
+    return Frame(ze, xe, zn, xn, bz.contiguous(), bx.contiguous(), ze64, xe64)
+
+
+def _wide_needed(u: torch.Tensor, spec: KernelSpec) -> bool:
+    """Whether float32 expanded distances would cost the kernel values more than WIDE_ERROR (see there),
+    judged from the mean squared norm of a sample of the scaled coordinates."""
+    if u.numel() == 0:
+        return False
+    sample = u[torch.linspace(0, u.shape[0] - 1, min(u.shape[0], WIDE_SAMPLE), device=u.device).long()]
+    mean = float((sample * sample).sum(1).mean())
+    error = 8.0 * torch.finfo(torch.float32).eps * mean
+    if spec.laplace:
+        error /= 2.0 * math.sqrt(max(1.0, 2.0 * mean))
+    return error > WIDE_ERROR
 
 
 def _check_range(u: torch.Tensor, name: str) -> None:

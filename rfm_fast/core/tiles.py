@@ -112,10 +112,14 @@ class TileEvaluator:
             geom, sign = self.geom, self.spec.tile_sign
             built = []
             for frame in geom.frames:
-                zcols, xcols = [frame.ze], [-2.0 * frame.xe]
-                zn, xn = frame.zn, frame.xn
+                if frame.xe64 is not None:  # a wide geometry: the distance GEMM in float64
+                    ze, xe = frame.ze64, frame.xe64
+                    zn, xn = (ze * ze).sum(1), (xe * xe).sum(1)
+                else:
+                    ze, xe, zn, xn = frame.ze, frame.xe, frame.zn, frame.xn
+                zcols, xcols = [ze], [-2.0 * xe]
                 if cross:
-                    (zh, zl), (xh, xl) = geom.zt, geom.xt
+                    (zh, zl), (xh, xl) = (tuple(t.to(ze.dtype) for t in pair) for pair in (geom.zt, geom.xt))
                     # 2 dhi dlo = 2 hi_z lo_z + 2 hi_x lo_x - 2 hi_z lo_x - 2 lo_z hi_x
                     zn = zn + 2.0 * (zh * zl).sum(1)
                     xn = xn + 2.0 * (xh * xl).sum(1)
@@ -148,6 +152,8 @@ class TileEvaluator:
             aug = aug_all[seg.frame]
             if aug is None:
                 view.zero_()
+            elif aug[0].dtype != out.dtype:
+                view.copy_(torch.mm(aug[0][seg.rows], aug[1][:, seg.cols]))
             else:
                 torch.mm(aug[0][seg.rows], aug[1][:, seg.cols], out=view)
         if geom.kdir == 0 or self.fused_direct:

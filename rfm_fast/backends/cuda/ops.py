@@ -19,7 +19,7 @@ class _Arrays:
         _ext.load()
         spec = KernelSpec(problem.kernel, problem.bandwidth)
         self.geom = geom = Geometry.build(problem.x, problem.centers, problem.M, spec, allow_direct=False,
-                                          allow_frames=False)
+                                          allow_frames=False, allow_wide=False)
         self.frame = geom.frames[0]
         factor = geom.factor
         self.F = None if factor.kind == "identity" else \

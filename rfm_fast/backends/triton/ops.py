@@ -88,7 +88,8 @@ class _Call:
         self.spec = KernelSpec(problem.kernel, problem.bandwidth)
         self.precision = precision_mode(dtype)
         p = self.problem
-        self.geom = Geometry.build(p.x, p.centers, p.M, self.spec, precision=self.precision, allow_direct=False)
+        self.geom = Geometry.build(p.x, p.centers, p.M, self.spec, precision=self.precision, allow_direct=False,
+                                   allow_wide=False)
         g = self.geom
         self.fused = g.kdir == 0 and len(g.frames) == 1 and g.perm_z is None and g.perm_x is None
         self.acc = "fp64" if dtype == torch.float64 else "fp32"

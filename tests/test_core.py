@@ -1,0 +1,347 @@
+"""The kernel core on the data that breaks expanded distances: low-rank and near-rank-1 metrics, offsets, near pairs
+at every separation, tight clusters, a cancelling centred AGOP; every backend that runs here against float64.
+
+The reproducers of issue 18 (each failed before the core: NaN, 4e-3 .. 2e-4 errors, a crashing PCG) come first;
+then a property sweep, the near-pair band (with the mutation check: a weakened near threshold must fail it), and
+the geometry's decisions (rank, direct coordinates, frames).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+import rfm_fast
+from rfm_fast import _ext
+from rfm_fast.core import kernels as core_kernels
+from rfm_fast.core.geometry import Geometry
+from rfm_fast.core.kernels import KernelSpec
+from rfm_fast.core.plan import BudgetError
+
+from .test_ops import KERNELS, call, reference
+from .tolerances import REL_FRO, rel_fro
+
+BACKENDS = ["torch", "naive"]
+if _ext.unavailable_reason() is None:
+    BACKENDS.append("cpp")
+try:
+    import pykeops  # noqa: F401
+
+    BACKENDS.append("keops")
+except ImportError:
+    pass
+FAST = [b for b in BACKENDS if b != "naive"]
+TRITON = "triton" in rfm_fast.available_backends()
+OPS = ("kernel_matrix", "kernel_mv", "kernel_grad", "agop")
+
+
+def _gen(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def _check(op, Z, X, alpha, M, kernel, bandwidth, backend, dtype=torch.float32, tol=None, **kw):
+    """op in ``dtype`` on ``backend`` against the float64 reference on the same (rounded) inputs."""
+    cast = [None if t is None else t.to(dtype) for t in (Z, X, alpha, M)]
+    if Z is X:
+        cast[0] = cast[1]
+    out = call(op, *cast, kernel, bandwidth, backend=backend, **kw)
+    ref = reference(op, *cast, kernel, bandwidth, **kw)
+    assert torch.isfinite(torch.as_tensor(out)).all(), f"{op} on {backend}: non-finite output"
+    err = rel_fro(out, ref)
+    assert err <= (tol or REL_FRO[dtype]), f"{op} on {backend}: relative error {err:.3g}"
+    return err
+
+
+# ---- issue 18 reproducers ----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("op", ["kernel_matrix", "kernel_mv"])
+def test_rank_deficient_metric_never_gives_nan(backend, op):
+    """A rank-1 M with two points 1e-3 apart along its null space: (z - x)^T M (z - x) rounds below zero; it
+    used to reach sqrt and give NaN (defect 1)."""
+    rng = np.random.default_rng(3)
+    d = 16
+    v = rng.normal(size=d)
+    M = np.outer(v, v)
+    u = rng.normal(size=d)
+    u -= (u @ v) / (v @ v) * v
+    X = rng.normal(size=(8, d))
+    X[1] = X[0] + 1e-3 * u
+    args = (X, X) if op == "kernel_matrix" else (X, X, np.ones((8, 2)))
+    out = getattr(rfm_fast, op)(*args, kernel="laplace", bandwidth=1.0, M=M, backend=backend)
+    assert np.isfinite(out).all()
+    if op == "kernel_matrix":
+        assert out[0, 1] == pytest.approx(1.0, abs=1e-9)  # no distance along M's range, to rounding
+
+
+def test_rfm_fits_a_one_direction_regression_with_its_near_rank_one_metric():
+    """The plain model at its defaults, on a target that depends on one direction: its learned M becomes near
+    rank 1 within a few iterations; the fit used to stop with NaN in the kernel matrix (defect 1)."""
+    from rfm_fast import RFM
+
+    rng = np.random.default_rng(0)
+    X = rng.normal(size=(800, 20)).astype(np.float32)
+    w = rng.normal(size=20)
+    w /= np.linalg.norm(w)
+    y = np.tanh(3 * X @ w).astype(np.float32)
+    model = RFM(kernel="laplace", bandwidth=10.0, reg=1e-3, iters=8, task="regression", random_state=0).fit(X, y)
+    M = model.M_.double()
+    assert torch.isfinite(M).all()
+    evals = torch.linalg.eigvalsh(M)
+    assert float(evals[-2] / evals[-1]) < 1e-3  # near rank 1 indeed
+    top = torch.linalg.eigh(M).eigenvectors[:, -1].numpy()
+    assert abs(top @ w) > 0.99
+    assert model.history_[-1]["train_score"] > 0.99
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_centered_agop_does_not_cancel_at_a_large_bandwidth(backend):
+    """Gradients that vary little across points: E[J^T J] - mu^T mu lost 5e-3 in float32 (defect 2)."""
+    gen = _gen(0)
+    X = torch.randn(400, 16, generator=gen, dtype=torch.float64)
+    alpha = torch.randn(400, 3, generator=gen, dtype=torch.float64)
+    alpha -= alpha.mean(0)
+    _check("agop", X, X, alpha, None, "gaussian", 30.0, backend, centered=True)
+    _check("agop", X[:100] + 0.01, X, alpha, None, "laplace", 30.0, backend, centered=True)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("op", ["kernel_matrix", "agop"])
+def test_common_offset_is_removed_before_the_metric(backend, op):
+    """Data at 1e3 from the origin with spread 1 and a dense M: transforming before centring cost 2e-3 (defect
+    3a)."""
+    gen = _gen(1)
+    X = torch.randn(300, 64, generator=gen, dtype=torch.float64) + 1e3
+    alpha = torch.randn(300, 3, generator=gen, dtype=torch.float64)
+    B = torch.randn(64, 64, generator=gen, dtype=torch.float64)
+    M = B @ B.T / 64 + 0.05 * torch.eye(64, dtype=torch.float64)
+    _check(op, X, X, alpha, M, "laplace", 1.0, backend)
+
+
+@pytest.mark.parametrize("backend", BACKENDS + (["triton"] if TRITON else []))
+@pytest.mark.parametrize("op", ["kernel_mv", "agop"])
+def test_tight_clusters_far_apart(backend, op):
+    """Two clusters at +-12 per coordinate, d = 64, Gaussian L = sqrt(2 d) / 2: pairs inside a cluster sit just
+    above the near threshold about the global centre and carried 1.6e-4 (defect 3b); about their cluster's own
+    centre they are exact to float32."""
+    gen = _gen(2)
+    d, n = 64, 400 if backend != "triton" else 160
+    X = torch.randn(n, d, generator=gen, dtype=torch.float64)
+    X[: n // 2] += 12.0
+    X[n // 2:] -= 12.0
+    alpha = torch.randn(n, 3, generator=gen, dtype=torch.float64)
+    _check(op, X, X, alpha, None, "gaussian", math.sqrt(2 * d) / 2, backend)
+
+
+def test_pcg_solves_a_benign_gaussian_system():
+    """Nystrom cut-offs at 1e-12 / 1e-10 left U^T U indefinite and Cholesky raised a raw LinAlgError (defect 4)."""
+    X = np.random.default_rng(0).normal(size=(300, 8))
+    Y = np.random.default_rng(0).normal(size=(300, 2))
+    alpha, info = rfm_fast.krr_solve(X, Y, kernel="gaussian", bandwidth=20.0, reg=1e-2, solver="pcg",
+                                     return_info=True)
+    ref = rfm_fast.krr_solve(X, Y, kernel="gaussian", bandwidth=20.0, reg=1e-2, solver="cholesky")
+    assert info["converged"]
+    assert np.abs(alpha - ref).max() <= 1e-6 * np.abs(ref).max()
+
+
+def test_numpy_with_negative_strides_and_array_likes():
+    X = np.random.default_rng(0).normal(size=(30, 4))
+    K = rfm_fast.kernel_matrix(X[::-1], X[::-1].copy(), bandwidth=2.0)
+    np.testing.assert_allclose(K, rfm_fast.kernel_matrix(X[::-1].copy(), X[::-1].copy(), bandwidth=2.0))
+    listed = rfm_fast.kernel_mv(X.tolist(), X.tolist(), [1.0] * 30, bandwidth=2.0)
+    assert listed.dtype == np.float32 and listed.shape == (30,)
+    ints = rfm_fast.kernel_matrix(np.arange(12).reshape(6, 2), np.arange(12).reshape(6, 2), bandwidth=3.0)
+    assert ints.dtype == np.float32 and np.allclose(np.diag(ints), 1.0)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_small_bandwidths(backend):
+    """float32 at L = 1e-3 on data of that spread (the raw Gram used to fall into subnormals), and L = 1e-20:
+    on unit data float32 cannot square the scaled coordinates, and on data of that spread the AGOP itself
+    (~1/L^2 = 1e40) is beyond float32: clear errors naming the bandwidth, never NaN (defect 5)."""
+    gen = _gen(3)
+    X = torch.randn(200, 8, generator=gen, dtype=torch.float64) * 1e-3
+    alpha = torch.randn(200, 2, generator=gen, dtype=torch.float64)
+    _check("agop", X, X, alpha, None, "laplace", 1e-3, backend)
+    _check("kernel_grad", X[:50] + 1e-4, X, alpha, None, "gaussian", 1e-3, backend)
+    if backend == "naive":
+        return
+    Y = torch.randn(50, 4, generator=gen)
+    with pytest.raises(ValueError, match="bandwidth"):
+        rfm_fast.agop(Y, Y, torch.randn(50, 2), bandwidth=1e-20, backend=backend)
+    tiny = Y * 1e-20
+    f = rfm_fast.kernel_mv(tiny, tiny, torch.randn(50, 2, generator=gen), bandwidth=1e-20, backend=backend)
+    assert torch.isfinite(f).all()
+    with pytest.raises(ValueError, match="overflows"):
+        rfm_fast.agop(tiny, tiny, torch.randn(50, 2, generator=gen), bandwidth=1e-20, backend=backend)
+    assert torch.isfinite(rfm_fast.agop(tiny.double(), tiny.double(), torch.randn(50, 2, generator=gen).double(),
+                                        bandwidth=1e-20, backend=backend)).all()
+
+
+# ---- a property sweep against explicit differences ----------------------------------------------------------
+
+def _metric_of_rank(rank, d, gen):
+    if rank is None:
+        return None
+    B = torch.randn(d, rank, generator=gen, dtype=torch.float64)
+    return B @ B.T / rank
+
+
+@pytest.mark.parametrize("backend", FAST)
+@pytest.mark.parametrize("offset,separation", [(0.0, 0.0), (1e3, 0.0), (0.0, 30.0), (1e3, 1e-2)])
+@pytest.mark.parametrize("bandwidth", [0.5, 5.0])
+@pytest.mark.parametrize("rank", [None, 1, 3, 12])
+def test_property_sweep(backend, offset, separation, bandwidth, rank):
+    """Offsets from the origin, pairs of clusters at a separation (30: far apart; 1e-2: two tight clouds almost
+    on top of each other), bandwidths and metric ranks, with self pairs and near-duplicates: every op within the
+    float32 tolerance of float64 computed from explicit differences (the naive reference)."""
+    gen = _gen(hash_seed(backend, offset, separation, bandwidth, rank))
+    d, n, c = 12, 160, 3
+    X = torch.randn(n, d, generator=gen, dtype=torch.float64)
+    if separation:
+        X[: n // 2] *= 1e-3
+        X[n // 2:] = 1e-3 * X[n // 2:] + separation
+    X += offset
+    X[5] = X[0]
+    X[6] = X[1] + 1e-5 * torch.randn(d, generator=gen, dtype=torch.float64)
+    Z = torch.cat([X[:40] + 1e-4 * torch.randn(40, d, generator=gen, dtype=torch.float64), X[40:60]])
+    alpha = torch.randn(n, c, generator=gen, dtype=torch.float64)
+    M = _metric_of_rank(rank, d, gen)
+    for op in OPS:
+        _check(op, Z, X, alpha, M, "laplace", bandwidth, backend)
+    _check("agop", X, X, alpha, M, "gaussian", bandwidth, backend, centered=True)
+
+
+def hash_seed(*key) -> int:
+    import zlib
+
+    return zlib.crc32(repr(key).encode())
+
+
+# ---- the near-pair band --------------------------------------------------------------------------------------
+
+def _band_data(seed: int, d: int = 16, n: int = 240):
+    """Points far from the origin, each other one with a partner at a separation from 1e-1 down to 1e-7 (in units
+    of the data's spread): the band just outside the near threshold is covered, as are near-duplicates."""
+    gen = _gen(seed)
+    X = torch.randn(n, d, generator=gen, dtype=torch.float64) + 100.0
+    seps = torch.tensor([1e-1, 5e-2, 2e-2, 1e-2, 1e-3, 1e-4, 1e-5, 1e-6, 1e-7], dtype=torch.float64)
+    for i in range(0, n, 2):
+        step = torch.randn(d, generator=gen, dtype=torch.float64)
+        X[i + 1] = X[i] + seps[(i // 2) % len(seps)] * step / step.norm()
+    alpha = torch.randn(n, 3, generator=gen, dtype=torch.float64)
+    return X, alpha
+
+
+@pytest.mark.parametrize("backend", FAST + (["triton"] if TRITON else []))
+@pytest.mark.parametrize("kernel", KERNELS)
+@pytest.mark.parametrize("op", OPS)
+def test_near_pair_band_float32(backend, kernel, op):
+    X, alpha = _band_data(11, n=240 if backend != "triton" else 120)
+    Z = X[: X.shape[0] // 2] + 3e-6  # off the centres too: near but not equal
+    _check(op, X, X, alpha, None, kernel, 2.0, backend)
+    _check(op, Z, X, alpha, None, kernel, 2.0, backend)
+
+
+def test_the_near_band_test_fails_under_a_weakened_threshold(monkeypatch):
+    """The band above catches a near threshold 64x weaker than the kernel description's (2^-14 instead of 2^-8
+    for float32): with it the pairs between the two bounds keep their expansion error."""
+    X, alpha = _band_data(11)
+    X32, a32 = X.float(), alpha.float()
+    ref = reference("kernel_grad", X32, X32, a32, None, "laplace", 2.0)
+    good = rel_fro(rfm_fast.kernel_grad(X32, X32, a32, bandwidth=2.0, backend="torch"), ref)
+    monkeypatch.setitem(core_kernels._NEAR_RTOL, "float32", 2.0**-14)
+    weak = rel_fro(rfm_fast.kernel_grad(X32, X32, a32, bandwidth=2.0, backend="torch"), ref)
+    assert good <= REL_FRO[torch.float32] < weak
+
+
+# ---- the geometry's decisions ---------------------------------------------------------------------------------
+
+def test_rank_of_the_metric_and_directly_formed_coordinates():
+    spec = KernelSpec("laplace", 2.0)
+    gen = _gen(4)
+    X = torch.randn(300, 20, generator=gen)
+    for r in (1, 3, 8):
+        M = _metric_of_rank(r, 20, gen)
+        geom = Geometry.build(X, X, M, spec)
+        assert geom.r == r and geom.kdir == (r if r <= 4 else 0)
+    # A near-rank-1 metric that float32 still resolves: full rank, its leading direction formed directly.
+    v = torch.randn(20, 1, generator=gen, dtype=torch.float64)
+    M = v @ v.T + 1e-6 * torch.eye(20, dtype=torch.float64)
+    geom = Geometry.build(X, X, M, spec)
+    assert geom.r == 20 and geom.kdir == 1
+    assert Geometry.build(X, X, None, spec).kdir == 0
+
+
+def test_frames_on_clustered_data_only():
+    spec = KernelSpec("laplace", 2.0)
+    gen = _gen(5)
+    centres = torch.randn(10, 64, generator=gen)
+    centres /= centres.norm(dim=1, keepdim=True)
+    labels = torch.arange(1000) % 10
+    X = centres[labels] + 1e-3 * torch.randn(1000, 64, generator=gen)
+    geom = Geometry.build(X, X, None, spec)
+    assert len(geom.frames) == 2 and len(geom.layout.framed) == 10
+    Y = torch.randn(1000, 64, generator=gen)
+    assert len(Geometry.build(Y, Y, None, spec).frames) == 1
+    # Pairs of one cluster are evaluated about its own centre: no exact recomputations beyond the self pairs.
+    from rfm_fast.core.tiles import pair_counts
+
+    alpha = torch.randn(1000, 10, generator=gen)
+    pair_counts(reset=True)
+    rfm_fast.agop(X, X, alpha, bandwidth=2.0, backend="torch")
+    counts = pair_counts(reset=True)
+    assert counts["exact"] <= 2 * 1000
+
+
+def test_budget_too_small_raises_a_clear_error():
+    X = torch.randn(50, 2000)
+    with pytest.raises(BudgetError, match="memory_budget"):
+        rfm_fast.agop(X[:10], X, torch.randn(50, 100), bandwidth=10.0, backend="torch", memory_budget="1MB")
+
+
+def test_symmetric_schedule_streams_in_groups_under_a_small_budget(monkeypatch):
+    """A budget that cannot hold every block's accumulator: several groups, the same answer."""
+    from rfm_fast.core import gradient, plan as planner
+
+    plans = []
+
+    def spy(*args, **kwargs):
+        plan = planner.plan_symmetric(*args, **kwargs)
+        plans.append(plan)
+        return plan
+
+    monkeypatch.setattr(gradient, "plan_symmetric", spy)
+    gen = _gen(6)
+    X = torch.randn(3000, 40, generator=gen, dtype=torch.float64)
+    alpha = torch.randn(3000, 7, generator=gen, dtype=torch.float64)
+    small = rfm_fast.agop(X, X, alpha, bandwidth=4.0, backend="torch", memory_budget="6MB")
+    assert plans and plans[-1] is not None and plans[-1].group * plans[-1].block < 3000
+    big = rfm_fast.agop(X, X, alpha, bandwidth=4.0, backend="torch", memory_budget="1GB")
+    assert rel_fro(small, big) <= 1e-12
+
+
+@pytest.mark.parametrize("backend", FAST)
+def test_degenerate_metric(backend):
+    """M = 0: every distance 0, kernel 1, gradients 0."""
+    X = torch.randn(20, 5)
+    M = torch.zeros(5, 5)
+    assert torch.allclose(rfm_fast.kernel_mv(X, X, torch.ones(20), M=M, backend=backend), torch.full((20,), 20.0))
+    assert torch.count_nonzero(rfm_fast.agop(X, X, torch.ones(20), M=M, backend=backend)) == 0
+
+
+def test_kernel_spec_is_the_one_place_of_the_constants():
+    for name in KERNELS:
+        spec = KernelSpec(name, 2.0)
+        s = torch.tensor([0.0, 0.25, 4.0], dtype=torch.float64)
+        r = (s.sqrt() / spec.coord_scale)  # back to the distance in input units
+        k = torch.exp(-r / 2.0) if name == "laplace" else torch.exp(-(r**2) / 8.0)
+        assert torch.allclose(spec.value_of(s), k)
+        assert spec.weight_of(s)[0] == 0.0
+        tile = spec.tile_sign * s[1:].clone()
+        assert torch.allclose(spec.values_(tile), k[1:])
+    with pytest.raises(ValueError):
+        KernelSpec("cauchy", 1.0)
