@@ -119,7 +119,7 @@ def _check_M(M: Any, d: int, like: torch.Tensor) -> Optional[torch.Tensor]:
         raise ValueError(f"M must be None, a (d,) diagonal or a (d, d) matrix, got ndim={M.ndim}")
     M = M.to(device=like.device)
     _check_finite("M", M)
-    M64 = M.to(torch.float64)
+    M64 = M.detach().to(torch.float64)
     diag = M64 if M.ndim == 1 else torch.diagonal(M64)
     if bool((diag < 0).any()):
         raise ValueError("M must be positive semi-definite: it has a negative diagonal entry")

@@ -15,7 +15,6 @@ import pytest
 import torch
 
 import rfm_fast
-from rfm_fast import _ext
 from rfm_fast.core import kernels as core_kernels
 from rfm_fast.core.geometry import Geometry
 from rfm_fast.core.kernels import KernelSpec
@@ -24,15 +23,7 @@ from rfm_fast.core.plan import BudgetError
 from .test_ops import KERNELS, call, reference
 from .tolerances import REL_FRO, rel_fro
 
-BACKENDS = ["torch", "naive"]
-if _ext.unavailable_reason() is None:
-    BACKENDS.append("cpp")
-try:
-    import pykeops  # noqa: F401
-
-    BACKENDS.append("keops")
-except ImportError:
-    pass
+BACKENDS = [b for b in rfm_fast.available_backends("cpu") if b in ("torch", "naive", "cpp", "keops")]
 FAST = [b for b in BACKENDS if b != "naive"]
 TRITON = "triton" in rfm_fast.available_backends()
 OPS = ("kernel_matrix", "kernel_mv", "kernel_grad", "agop")
