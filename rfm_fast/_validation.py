@@ -28,7 +28,7 @@ class Problem:
     x: torch.Tensor  # (m, d) evaluation points
     centers: torch.Tensor  # (n, d)
     alpha: Optional[torch.Tensor]  # (n, c) or None for kernel_matrix
-    M: Optional[torch.Tensor]  # None, (d,) or (d, d)
+    M: Any  # None, (d,) or (d, d) tensor, or a MetricFactor when the caller gave M_factor
     kernel: str
     bandwidth: float
     squeeze_c: bool  # alpha was 1-D: drop the c axis of the outputs
@@ -133,6 +133,22 @@ def _check_M(M: Any, d: int, like: torch.Tensor) -> Optional[torch.Tensor]:
     return M if M.dtype == torch.float64 else M.to(like.dtype)
 
 
+def _check_factor(S: Any, d: int, like: torch.Tensor):
+    """M_factor S (d, k), k >= 1, M = S S^T: validated and factored (rfm_fast.core.metric.MetricFactor)."""
+    from .core.metric import MetricFactor
+
+    S = _to_tensor("M_factor", S)
+    if S.is_complex() or S.dtype == torch.bool or not S.dtype.is_floating_point:
+        raise TypeError(f"M_factor must hold real floating-point numbers, got {S.dtype}")
+    if S.ndim != 2 or S.shape[0] != d or S.shape[1] == 0:
+        raise ValueError(f"M_factor must have shape ({d}, k) with k >= 1 (M = S S^T), got {tuple(S.shape)}")
+    if S.requires_grad and torch.is_grad_enabled():
+        raise RuntimeError("gradients with respect to M_factor are not supported: pass M_factor.detach()")
+    S = S.to(device=like.device)
+    _check_finite("M_factor", S)
+    return MetricFactor.from_factor(S, like.dtype, like.device)
+
+
 def prepare(
     x: Any,
     centers: Any,
@@ -142,6 +158,7 @@ def prepare(
     bandwidth: Any,
     *,
     need_alpha: bool,
+    M_factor: Any = None,
     allow_half: bool = False,
     allow_empty_x: bool = True,
 ) -> Problem:
@@ -149,7 +166,8 @@ def prepare(
 
     The output kind (torch for torch input, numpy for anything else), dtype and device follow ``x``. Array-likes
     are converted as :func:`_to_tensor` says; ``centers`` must then match ``x`` in dtype; ``alpha`` and ``M`` are
-    cast to it (M keeps float64 when given so: its factor is computed in float64 anyway).
+    cast to it (M keeps float64 when given so: its factor is computed in float64 anyway). ``M_factor`` S (d, k)
+    stands for M = S S^T and is factored without forming M.
     """
     kernel = check_kernel(kernel)
     bandwidth = check_bandwidth(bandwidth)
@@ -199,7 +217,12 @@ def prepare(
             raise ValueError(f"alpha is on {at.device} but x is on {xt.device}")
         at = at.to(xt.dtype)
         _check_finite("alpha", at)
-    Mt = _check_M(M, d, xt)
+    if M_factor is not None:
+        if M is not None:
+            raise ValueError("give either M or M_factor (M = M_factor M_factor^T), not both")
+        Mt = _check_factor(M_factor, d, xt)
+    else:
+        Mt = _check_M(M, d, xt)
     return Problem(xt, ct, at, Mt, kernel, bandwidth, squeeze_c, numpy_out)
 
 

@@ -1,6 +1,8 @@
 """The ``rfm-fast`` command.
 
     rfm-fast deep-rfm --dataset digits --depth 8 --control --out results/digits
+    rfm-fast deep-rfm --dataset mnist --feature-map cosine --gamma 0.05 --preprocess unit --threads 1
+                    (the paper's cosine random features: width = the input dimension by default)
     rfm-fast bench          (the AGOP speed table, rfm_fast.bench)
     rfm-fast nn-collapse    (neural collapse in trained networks, rfm_fast.nn.cli)
 
@@ -27,22 +29,51 @@ DELEGATED = {
 COLUMNS = (("layer", "layer", "{:d}"), ("nc1_input", "NC1 in", "{:.3e}"), ("nc1_projected", "NC1 proj", "{:.3e}"),
            ("nc1_features", "NC1 feat", "{:.3e}"), ("nc2_input", "NC2 in", "{:.3e}"),
            ("nc2_projected", "NC2 proj", "{:.3e}"), ("nc2_features", "NC2 feat", "{:.3e}"),
-           ("train_accuracy", "train acc", "{:.4f}"), ("test_accuracy", "test acc", "{:.4f}"))
+           ("train_accuracy", "train acc", "{:.4f}"), ("test_accuracy", "test acc", "{:.4f}"),
+           ("solve_s", "solve s", "{:.3f}"), ("agop_s", "AGOP s", "{:.3f}"), ("feature_map_s", "feat map s", "{:.3f}"))
+
+
+def _positive_int(text: str, also: str = "") -> int:
+    """An argparse type: an integer >= 1 (the error names ``also``, the other values the option takes)."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1{also}, got {text!r}")
+    return value
+
+
+def _width(text: str):
+    """--width: a positive integer or "input" (the layer's input dimension)."""
+    return text if text == "input" else _positive_int(text, " or 'input'")
 
 
 def add_deep_rfm_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dataset", default="digits",
                    help="digits, mnist, cifar10, svhn (torchvision) or PATH.npz with X_train, y_train[, X_test, "
                         "y_test] (default: digits)")
+    p.add_argument("--preprocess", choices=("standardize", "unit", "none"), default="standardize",
+                   help="input preprocessing, with training-set statistics: standardize (per-feature mean 0, std 1; "
+                        "the default), unit (divide by the training set's largest absolute value) or none "
+                        "(torchvision images are already in [0, 1])")
     p.add_argument("--n", type=int, default=None, help="use the first N training examples (default: all)")
     p.add_argument("--n-test", type=int, default=None, help="use the first N test examples (default: all)")
     p.add_argument("--depth", type=int, default=8, help="number of Deep RFM layers (default: 8)")
     p.add_argument("--kernel", choices=("laplace", "gaussian"), default="laplace")
     p.add_argument("--bandwidth", type=float, default=2.0, help="kernel bandwidth L (default: 2.0)")
     p.add_argument("--reg", type=float, default=1e-3, help="kernel ridge (default: 1e-3)")
-    p.add_argument("--feature-map", choices=("relu", "cosine"), default="relu")
-    p.add_argument("--width", type=int, default=1024, help="random features per layer (default: 1024)")
-    p.add_argument("--gamma", type=float, default=None, help="Cauchy scale of the cosine map (default: 1/bandwidth)")
+    p.add_argument("--feature-map", choices=("relu", "cosine"), default="relu",
+                   help="random feature map of each layer: relu (ReLU(z W^T), the default) or cosine (sqrt(2/D) "
+                        "cos(z W^T + b) with i.i.d. Cauchy W and uniform b, as in the paper; the paper's setting "
+                        "is --feature-map cosine with width = the input dimension, the default for cosine, and "
+                        "--gamma 0.05 for MNIST-like data, 0.1 for CIFAR-10/SVHN-like data)")
+    p.add_argument("--width", type=_width, default=None,
+                   help="random features per layer: an integer, or 'input' for the input dimension (default: 1024 "
+                        "for relu, 'input' for cosine, the paper's setting)")
+    p.add_argument("--gamma", type=float, default=None,
+                   help="Cauchy scale of the cosine map's W (default: 1/bandwidth); the paper uses 0.05 for "
+                        "MNIST-like data and 0.1 for CIFAR-10/SVHN-like data")
     p.add_argument("--projection", choices=("agop", "identity"), default="agop",
                    help="agop: project on the AGOP square root (Deep RFM); identity: skip it (the control)")
     p.add_argument("--control", action="store_true",
@@ -58,6 +89,13 @@ def add_deep_rfm_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default=None, help="folder for metrics.json, metrics.csv and the PNG plots")
     p.add_argument("--no-plots", action="store_true", help="write no PNG files")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--verbose", action="store_true",
+                   help="print one line per layer (solve / AGOP / feature-map seconds, accuracies) and show the "
+                        "iterative solvers' progress bars")
+    p.add_argument("--threads", type=_positive_int, default=None,
+                   help="torch CPU threads, torch.set_num_threads(N) before the run (default: torch's choice); on "
+                        "a loaded machine with few cores (e.g. 2 cores shared with other work) 1 thread can be "
+                        "much faster")
 
 
 def _gram_layers(depth: int) -> list[int]:
@@ -77,7 +115,7 @@ def _fit(args, projection: str, data, subset, gram_layers):
     model = DeepRFM(depth=args.depth, kernel=args.kernel, bandwidth=args.bandwidth, reg=args.reg,
                     feature_map=args.feature_map, width=args.width, gamma=args.gamma, projection=projection,
                     random_state=args.seed, device=args.device, dtype=args.dtype, backend=args.backend,
-                    solver=args.solver)
+                    solver=args.solver, verbose=args.verbose)
     grams = []
     index = torch.as_tensor(subset) if subset is not None else None
     bar = tqdm(total=args.depth, desc=f"Deep RFM ({projection})", unit="layer", disable=args.quiet,
@@ -105,7 +143,8 @@ def _fit(args, projection: str, data, subset, gram_layers):
 
 
 def format_table(metrics: Sequence[dict]) -> str:
-    """The per-layer table: one row per layer, the NC metrics at the three points and the accuracies."""
+    """The per-layer table: one row per layer, the NC metrics at the three points, the accuracies and the seconds
+    of the layer's solve, AGOP and feature map (the columns present in the first layer's metrics)."""
     cols = [c for c in COLUMNS if c[0] == "layer" or c[0] in metrics[0]]
     rows = [[fmt.format(i + 1 if key == "layer" else m[key]) for key, _, fmt in cols] for i, m in enumerate(metrics)]
     widths = [max(len(head), *(len(r[j]) for r in rows)) for j, (_, head, _) in enumerate(cols)]
@@ -131,15 +170,21 @@ def run_deep_rfm(args: argparse.Namespace) -> int:
     import numpy as np
 
     from .data import train_test
+    from .models import DeepRFM
 
-    if args.depth < 1 or args.width < 1:
+    if args.depth < 1 or (isinstance(args.width, int) and args.width < 1):
         raise SystemExit("rfm-fast deep-rfm: --depth and --width must be >= 1")
-    data = train_test(args.dataset, args.n, args.n_test, seed=args.seed)
+    if args.threads is not None:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    data = train_test(args.dataset, args.n, args.n_test, seed=args.seed, preprocess=args.preprocess)
     X_train, y_train, X_test, _ = data
     K = len(np.unique(y_train))
-    print(f"dataset {args.dataset}: {X_train.shape[0]} train / {X_test.shape[0]} test, {X_train.shape[1]} "
-          f"features, {K} classes; depth {args.depth}, {args.kernel} L={args.bandwidth:g}, reg={args.reg:g}, "
-          f"{args.feature_map} width {args.width}")
+    width = DeepRFM(feature_map=args.feature_map, width=args.width).layer_width(X_train.shape[1])
+    print(f"dataset {args.dataset} ({args.preprocess}): {X_train.shape[0]} train / {X_test.shape[0]} test, "
+          f"{X_train.shape[1]} features, {K} classes; depth {args.depth}, {args.kernel} L={args.bandwidth:g}, "
+          f"reg={args.reg:g}, {args.feature_map} width {width}")
     make_plots = args.out is not None and not args.no_plots
     subset = None
     if make_plots:

@@ -5,7 +5,7 @@ yourself) before any function here. Every function is collective: all ranks of `
 same order, with arguments of the same kinds. Communication is PyTorch's own (``all_reduce`` / ``all_gather``);
 tensors live on each rank's device (``cuda:LOCAL_RANK`` under NCCL).
 
-How the work is split (CONVENTIONS.md for the maths):
+How the work is split (docs/maths.md for the maths):
 - :func:`agop`: by evaluation points. Each rank passes its own points ``x`` (any number, sizes may differ) and
   the whole ``centers`` / ``alpha``; the result is the AGOP over the union of all ranks' points, identical on
   every rank: AGOP = sum_r m_r AGOP_r / m (centred: the mean gradients are combined the same way first).
@@ -232,7 +232,7 @@ def nystrom_pcg(X: Any, Y: Any, *, kernel: str = "laplace", bandwidth: float = 1
     if raise_on_failure and not info["converged"]:
         raise ConvergenceError(failure_message(info, tol, max_iter, X.dtype), iterations=info["iterations"],
                                residual=info["residual"])
-    alpha = comm.gather_rows(alpha_local).to(X.dtype)
+    alpha = comm.gather_rows(alpha_local)  # float64, as the single-process solver returns it
     info["world_size"] = comm.world_size
     return (alpha[:, 0] if squeeze else alpha), info
 

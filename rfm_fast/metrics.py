@@ -1,4 +1,4 @@
-"""Deep neural collapse metrics, as defined in CONVENTIONS.md (the normalisation of the seed paper's code).
+"""Deep neural collapse metrics, as defined in docs/maths.md (the normalisation of the seed paper's code).
 
 With K classes, N samples, class means mu_c and global mean mu_G = (1/K) sum_c mu_c (the mean of the class
 means, not of the samples):

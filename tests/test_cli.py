@@ -1,5 +1,6 @@
 """The rfm-fast command (run as a user would, on tiny settings) and the dataset loader behind it."""
 
+import csv
 import json
 import pathlib
 
@@ -28,6 +29,16 @@ def test_deep_rfm_command_writes_table_metrics_and_plots(tmp_path, capsys):
     assert report["config"]["depth"] == 2 and len(report["runs"][0]["metrics"]) == 2
     rows = (out / "metrics.csv").read_text().strip().splitlines()
     assert rows[0].startswith("projection,layer,nc1_input") and len(rows) == 1 + 2 * 2
+    assert "solve s" in text and "AGOP s" in text and "feat map s" in text
+    with open(out / "metrics.csv", newline="") as handle:
+        records = list(csv.DictReader(handle))
+    assert len(records) == 4
+    for record in records:
+        for key in ("solve_s", "agop_s", "feature_map_s"):
+            assert float(record[key]) >= 0
+        assert (float(record["agop_s"]) > 0) == (record["projection"] == "agop")
+    for run in report["runs"]:
+        assert all(m["solve_s"] >= 0 and m["feature_map_s"] >= 0 for m in run["metrics"])
 
 
 def test_deep_rfm_command_on_an_npz_without_plots(tmp_path, capsys):
@@ -36,6 +47,50 @@ def test_deep_rfm_command_on_an_npz_without_plots(tmp_path, capsys):
     assert code == 0
     assert "3 classes" in capsys.readouterr().out
     assert not list(tmp_path.glob("*.png")) and (tmp_path / "metrics.json").exists()
+
+
+def test_deep_rfm_threads_preprocess_verbose_and_input_width(tmp_path, capsys, monkeypatch):
+    import torch
+
+    threads = []
+    monkeypatch.setattr(torch, "set_num_threads", threads.append)  # record, leave the test process alone
+    code = cli.main(["deep-rfm", "--dataset", str(TINY), "--depth", "2", "--feature-map", "cosine", "--gamma",
+                     "0.05", "--threads", "1", "--preprocess", "unit", "--verbose", "--quiet", "--no-plots",
+                     "--out", str(tmp_path)])
+    assert code == 0 and threads == [1]
+    text = capsys.readouterr().out
+    assert "(unit)" in text and "cosine width 16" in text  # width = the input dimension by default for cosine
+    assert "DeepRFM layer 1/2: solve" in text and "DeepRFM layer 2/2: solve" in text
+    config = json.loads((tmp_path / "metrics.json").read_text())["config"]
+    assert config["threads"] == 1 and config["preprocess"] == "unit" and config["verbose"] is True
+    assert config["width"] is None
+    header = (tmp_path / "metrics.csv").read_text().splitlines()[0].split(",")
+    assert header[-3:] == ["solve_s", "agop_s", "feature_map_s"]
+
+    threads.clear()
+    code = cli.main(["deep-rfm", "--dataset", str(TINY), "--depth", "1", "--width", "input", "--preprocess",
+                     "none", "--quiet", "--no-plots"])
+    assert code == 0 and threads == []  # no --threads: torch's default is left alone
+    text = capsys.readouterr().out
+    assert "(none)" in text and "relu width 16" in text and "DeepRFM layer" not in text
+
+
+@pytest.mark.parametrize("bad", [["--threads", "0"], ["--threads", "two"], ["--width", "wide"],
+                                 ["--width", "0"], ["--preprocess", "minmax"]])
+def test_deep_rfm_rejects_bad_flags(bad, capsys):
+    with pytest.raises(SystemExit) as info:
+        cli.main(["deep-rfm", "--dataset", str(TINY), *bad])
+    assert info.value.code == 2
+    assert bad[0] in capsys.readouterr().err
+
+
+def test_deep_rfm_help_documents_the_paper_settings(capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["deep-rfm", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    for phrase in ("--threads", "1 thread can be much faster", "--preprocess", "standardize", "unit", "--verbose",
+                   "'input' for cosine", "0.05 for MNIST-like data", "0.1 for CIFAR-10/SVHN-like data"):
+        assert phrase in text, phrase
 
 
 def test_missing_subcommand_module_fails_clearly(monkeypatch, capsys):
@@ -58,6 +113,11 @@ def test_table_format():
                 "nc2_projected": 0.2, "nc2_features": 0.1, "train_accuracy": 1.0}]
     table = cli.format_table(metrics).splitlines()
     assert "test acc" not in table[0] and table[2].split()[0] == "1" and "5.000e-01" in table[2]
+    assert "solve s" not in table[0]  # only the columns the metrics have
+    metrics[0].update(solve_s=1.25, agop_s=0.5, feature_map_s=0.125)
+    table = cli.format_table(metrics).splitlines()
+    assert table[0].split()[-7:] == ["solve", "s", "AGOP", "s", "feat", "map", "s"]
+    assert table[2].split()[-3:] == ["1.250", "0.500", "0.125"]
 
 
 def test_npz_loading_preprocesses_like_the_paper():

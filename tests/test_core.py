@@ -315,6 +315,46 @@ def test_symmetric_schedule_streams_in_groups_under_a_small_budget(monkeypatch):
     assert rel_fro(small, big) <= 1e-12
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("op", OPS)
+def test_metric_given_by_its_factor(backend, op):
+    """M_factor=S is M = S S^T on every backend, for thin, square, wide and rank-deficient factors."""
+    gen = _gen(11)
+    Z = torch.randn(40, 9, generator=gen)
+    X = torch.randn(50, 9, generator=gen)
+    alpha = torch.randn(50, 2, generator=gen)
+    base = torch.randn(9, 2, generator=gen)
+    for S in (torch.randn(9, 1, generator=gen), torch.randn(9, 9, generator=gen), torch.randn(9, 12, generator=gen),
+              torch.cat([base, base, 0 * base], dim=1)):
+        S = S / S.norm() * 3
+        got = call(op, Z, X, alpha, None, "laplace", 2.0, backend=backend, M_factor=S)
+        # The reference in the projected coordinates t = u S (exact), not through S S^T: rank-1 metrics put
+        # pairs at |t| ~ 1e-6 whose gradient direction a dense M's rounding would lose.
+        Zt, Xt, S64 = Z.double() @ S.double(), X.double() @ S.double(), S.double()
+        want = reference(op, Zt, Xt, alpha, None, "laplace", 2.0)
+        if op == "kernel_grad":
+            want = want @ S64.T
+        elif op == "agop":
+            want = S64 @ want @ S64.T
+        assert rel_fro(got, want) <= REL_FRO[torch.float32], S.shape
+
+
+def test_metric_factor_errors_and_rank():
+    X = torch.randn(10, 4)
+    with pytest.raises(ValueError, match="either M or M_factor"):
+        rfm_fast.kernel_mv(X, X, torch.ones(10), M=torch.eye(4), M_factor=torch.ones(4, 1))
+    with pytest.raises(ValueError, match="M_factor must have shape"):
+        rfm_fast.kernel_mv(X, X, torch.ones(10), M_factor=torch.ones(3, 1))
+    with pytest.raises(ValueError, match="M_factor"):
+        rfm_fast.kernel_mv(X, X, torch.ones(10), M_factor=torch.full((4, 1), float("nan")))
+    S = torch.randn(4, 1, dtype=torch.float64)
+    from rfm_fast.core.metric import MetricFactor
+
+    factor = MetricFactor.from_factor(torch.cat([S, 2 * S, 1e-9 * S], 1), torch.float32, X.device)
+    assert factor.r == 1
+    assert torch.allclose(factor.as_dense() @ factor.as_dense().T, 5 * S @ S.T, rtol=1e-5)
+
+
 @pytest.mark.parametrize("backend", FAST)
 def test_degenerate_metric(backend):
     """M = 0: every distance 0, kernel 1, gradients 0."""

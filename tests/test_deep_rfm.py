@@ -9,7 +9,13 @@ import torch
 from rfm_fast.data import train_test
 from rfm_fast.metrics import nc1
 from rfm_fast.models import DeepRFM
-from rfm_fast.models.deep_rfm import METRIC_KEYS
+from rfm_fast.models import deep_rfm as deep_rfm_module
+from rfm_fast.models.deep_rfm import METRIC_KEYS, TIMING_KEYS
+
+
+def _measures(metrics):
+    """The metrics without the timings (which differ between runs)."""
+    return [{k: v for k, v in m.items() if k not in TIMING_KEYS} for m in metrics]
 
 
 @pytest.fixture(scope="module")
@@ -27,8 +33,10 @@ def small_fit(digits):
 def test_metric_keys_and_values(small_fit):
     assert len(small_fit.metrics_) == 3
     for record in small_fit.metrics_:
-        assert set(record) == set(METRIC_KEYS) | {"test_accuracy"}
+        assert set(record) == set(METRIC_KEYS) | {"test_accuracy"} | set(TIMING_KEYS)
         assert all(isinstance(v, float) and math.isfinite(v) for v in record.values())
+        assert all(record[key] >= 0 for key in TIMING_KEYS)
+        assert record["solve_s"] > 0 and record["agop_s"] > 0 and record["feature_map_s"] > 0
         assert record["train_accuracy"] >= 0.99
     # The next layer's input is this layer's features, row-normalised (NC1 is not scale invariant per row, so
     # only check it is in the same range).
@@ -38,7 +46,18 @@ def test_metric_keys_and_values(small_fit):
 def test_metric_keys_without_validation(digits):
     X_train, y_train, _, _ = digits
     model = DeepRFM(depth=1, width=64, random_state=1).fit(X_train[:200], y_train[:200])
-    assert set(model.metrics_[0]) == set(METRIC_KEYS)
+    assert set(model.metrics_[0]) == set(METRIC_KEYS) | set(TIMING_KEYS)
+    assert isinstance(model.readout_solve_s_, float) and model.readout_solve_s_ >= 0
+
+
+def test_timings_of_the_identity_projection(digits):
+    X_train, y_train, _, _ = digits
+    model = DeepRFM(depth=2, width=32, projection="identity", random_state=0).fit(X_train[:120], y_train[:120])
+    for record in model.metrics_:
+        assert list(record)[-3:] == list(TIMING_KEYS)
+        assert record["agop_s"] == 0.0  # no AGOP is computed
+        assert isinstance(record["solve_s"], float) and record["solve_s"] > 0
+        assert isinstance(record["feature_map_s"], float) and record["feature_map_s"] >= 0
 
 
 def test_layers_follow_the_construction(small_fit, digits):
@@ -74,7 +93,7 @@ def test_seeded_runs_repeat(digits):
     X_train, y_train, _, _ = digits
     a = DeepRFM(depth=2, width=64, random_state=3).fit(X_train[:150], y_train[:150])
     b = DeepRFM(depth=2, width=64, random_state=3).fit(X_train[:150], y_train[:150])
-    assert a.metrics_ == b.metrics_
+    assert _measures(a.metrics_) == _measures(b.metrics_)
 
 
 def test_cosine_feature_map(digits):
@@ -86,6 +105,47 @@ def test_cosine_feature_map(digits):
     assert F.shape == (10, 128) and np.abs(F).max() <= math.sqrt(2 / 128) + 1e-6
     # Cauchy with scale 1/bandwidth: the median of |W| is the scale.
     assert float(layer.W.abs().median()) == pytest.approx(0.5, rel=0.1)
+
+
+def test_cosine_width_defaults_to_the_input_dimension(digits):
+    X_train, y_train, _, _ = digits
+    X, y = X_train[:120], y_train[:120]
+    cosine = DeepRFM(depth=2, feature_map="cosine", gamma=0.05, random_state=0).fit(X, y)
+    assert [layer.W.shape for layer in cosine.layers_] == [(64, 64), (64, 64)]
+    assert cosine.transform(X[:3]).shape == (3, 64)
+    relu_input = DeepRFM(depth=1, width="input", random_state=0).fit(X, y)
+    assert relu_input.layers_[0].W.shape == (64, 64)
+    assert DeepRFM().layer_width(64) == 1024  # the relu default is unchanged
+    assert DeepRFM(feature_map="cosine", width=100).layer_width(64) == 100
+    for bad in (0, "output", 2.5, True):
+        with pytest.raises(ValueError, match="width"):
+            DeepRFM(depth=1, width=bad).fit(X[:20], y[:20])
+
+
+def test_verbose_prints_a_line_per_layer_and_asks_for_progress(digits, capsys, monkeypatch):
+    X_train, y_train, X_test, y_test = digits
+    calls = []
+    solve = deep_rfm_module.krr_solve
+
+    def spy(*args, **kwargs):
+        calls.append(kwargs.get("progress"))
+        return solve(*args, **kwargs)
+
+    monkeypatch.setattr(deep_rfm_module, "krr_solve", spy)
+    quiet = DeepRFM(depth=2, width=32, random_state=0).fit(X_train[:100], y_train[:100])
+    assert calls == [False] * 3 and capsys.readouterr().out == ""
+    calls.clear()
+    model = DeepRFM(depth=2, width=32, random_state=0, verbose=True)
+    assert model.get_params()["verbose"] is True
+    model.fit(X_train[:100], y_train[:100], X_test[:30], y_test[:30])
+    assert calls == [True] * 3  # two layers and the readout
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert [line.split(":")[0] for line in lines] == ["DeepRFM layer 1/2", "DeepRFM layer 2/2", "DeepRFM readout"]
+    for line in lines[:2]:
+        assert "solve " in line and "agop " in line and "feature map " in line
+        assert "train acc" in line and "test acc" in line
+    assert _measures(model.metrics_) != [] and _measures(model.metrics_)[0]["train_accuracy"] == pytest.approx(
+        _measures(quiet.metrics_)[0]["train_accuracy"])
 
 
 def test_deep_collapse_fast(digits):
@@ -138,7 +198,7 @@ def test_cuda_matches_cpu(digits):
     cpu = DeepRFM(depth=2, width=128, random_state=0, dtype="float64").fit(X_train[:300], y_train[:300])
     gpu = DeepRFM(depth=2, width=128, random_state=0, dtype="float64", device="cuda").fit(X_train[:300],
                                                                                           y_train[:300])
-    for a, b in zip(cpu.metrics_, gpu.metrics_):
+    for a, b in zip(_measures(cpu.metrics_), _measures(gpu.metrics_)):
         for key in a:
             assert a[key] == pytest.approx(b[key], rel=1e-6, abs=1e-9)
     assert gpu.layers_[0].W.device.type == "cuda"

@@ -1,4 +1,4 @@
-"""NC1 / NC2 against a direct, loop-by-class transcription of the seed paper's formulas (CONVENTIONS.md)."""
+"""NC1 / NC2 against a direct, loop-by-class transcription of the seed paper's formulas (docs/maths.md)."""
 
 import numpy as np
 import pytest

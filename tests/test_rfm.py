@@ -98,3 +98,26 @@ def test_errors():
     model = RFM(iters=0).fit(X, y)
     with pytest.raises(ValueError, match="features"):
         model.predict(X[:, :3])
+
+
+def test_verbose_passes_progress_to_every_solve(monkeypatch, capsys):
+    from rfm_fast.models import rfm as rfm_module
+
+    calls = []
+    solve = rfm_module.krr_solve
+
+    def spy(*args, **kwargs):
+        calls.append(kwargs.get("progress"))
+        return solve(*args, **kwargs)
+
+    monkeypatch.setattr(rfm_module, "krr_solve", spy)
+    X, y = _regression(4, 120)
+    RFM(bandwidth=3.0, iters=2, reg=1e-2).fit(X, y)
+    assert calls == [False] * 3
+    calls.clear()
+    model = RFM(bandwidth=3.0, iters=2, reg=1e-2, solver="cg", verbose=True)
+    assert model.get_params()["verbose"] is True and clone(model).verbose is True
+    model.fit(X, y)
+    assert calls == [True] * 3
+    assert "CG" in capsys.readouterr().err  # the conjugate-gradient progress bar
+    assert model.score(X, y) > 0.9

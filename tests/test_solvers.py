@@ -59,7 +59,8 @@ def test_float32_and_float64_option():
     ref = _reference(X, Y, None, "laplace", 1.0, 1e-2)
     alpha32 = krr_solve(X, Y, bandwidth=1.0, reg=1e-2, solver="cholesky")
     alpha64 = krr_solve(X, Y, bandwidth=1.0, reg=1e-2, solver="cholesky", dtype=torch.float64)
-    assert alpha32.dtype == torch.float32 and alpha64.dtype == torch.float64
+    # float32 products, float64 coefficients (refined against a float64 residual): both are float64
+    assert alpha32.dtype == torch.float64 and alpha64.dtype == torch.float64
     assert _rel(alpha64, ref) < 1e-10
     assert _rel(alpha32, ref) < 1e-4
     alpha_cg = krr_solve(X, Y, bandwidth=1.0, reg=1e-2, solver="cg", dtype="float64", tol=1e-10)
@@ -169,3 +170,46 @@ def test_pcg_is_reachable_through_krr_solve():
     alpha, info = krr_solve(X, Y, reg=1e-1, solver="pcg", tol=1e-10, return_info=True)
     assert info["solver"] == "pcg" and info["converged"]
     assert _rel(alpha, ref) < 1e-7
+
+
+def _ill_conditioned_float32(n=700, reg=1e-4):
+    """Unit-norm rows in 2 clusters, 15 duplicated points, Laplace at a wide bandwidth: lambda_max ~ n, so
+    cond(K + reg I) ~ n / reg ~ 1e6..1e7, the regime where float32 products alone stall near 1e-4."""
+    g = torch.Generator().manual_seed(21)
+    centres = torch.randn(2, 30, generator=g, dtype=torch.float64)
+    X = centres[torch.arange(n) % 2] + 0.3 * torch.randn(n, 30, generator=g, dtype=torch.float64)
+    X = torch.cat([X, X[:15]])
+    X = X / X.norm(dim=1, keepdim=True)
+    Y = torch.nn.functional.one_hot(torch.arange(len(X)) % 3).double()
+    K = naive_kernel_matrix.kernel_matrix(X, X, None, "laplace", 10.0)
+    A = K + reg * torch.eye(len(X), dtype=torch.float64)
+    return X.float(), Y.float(), A
+
+
+@pytest.mark.parametrize("solver", ["cholesky", "cg", "pcg"])
+def test_float32_solvers_finish_on_ill_conditioned_ridge_systems(solver):
+    """Issue 14: every solver reaches a true (float64) relative residual <= 1e-4 in float32 at cond ~ 1e7."""
+    X, Y, A = _ill_conditioned_float32()
+    evals = torch.linalg.eigvalsh(A)
+    assert 1e6 < float(evals[-1] / evals[0]) < 3e7
+    alpha, info = krr_solve(X, Y, bandwidth=10.0, reg=1e-4, solver=solver, return_info=True)
+    Y64 = Y.double()
+    true = float(((Y64 - A @ alpha.double()).norm(dim=0) / Y64.norm(dim=0)).max())
+    assert info["converged"] and true <= 1e-4
+    assert abs(true - info["residual"]) <= 1e-6  # the reported residual is the true one
+    assert alpha.dtype == torch.float64
+
+
+def test_a_float32_solve_that_cannot_finish_says_what_it_reached():
+    X, Y, _ = _ill_conditioned_float32(n=300)
+    with pytest.raises(ConvergenceError, match="residual") as excinfo:
+        krr_solve(X, Y, bandwidth=10.0, reg=1e-4, solver="cg", tol=1e-15)
+    assert excinfo.value.residual > 1e-15
+    with pytest.raises(ConvergenceError, match="Cholesky .* refinement steps"):
+        krr_solve(X, Y, bandwidth=10.0, reg=1e-4, solver="cholesky", tol=1e-15)
+
+
+def test_cg_progress_bar(capsys):
+    X, Y, _ = _problem(7, n=60)
+    krr_solve(X, Y, reg=1e-2, solver="cg", progress=True)
+    assert "CG" in capsys.readouterr().err

@@ -47,6 +47,8 @@ MAX_COMPONENTS = 256
 LLOYD_STEPS = 2
 # A 2-means split without a gap is taken when its halves keep at most this share of the node's spread.
 SPLIT_GAIN = 0.25
+# The search runs on the centres' SKETCH_DIM leading principal coordinates when r is larger than twice that.
+SKETCH_DIM = 32
 
 
 @dataclass
@@ -116,14 +118,32 @@ def _principal(P: torch.Tensor) -> Optional[torch.Tensor]:
     return v
 
 
-def _split(P: torch.Tensor, tau: float, near_rtol: float):
+def _sketch(u: torch.Tensor):
+    """(S, rho, Q): the coordinates S = u Q (n, q) of u in its q = SKETCH_DIM leading principal directions Q (r, q)
+    (two steps of randomized subspace iteration, fixed seed), and rho (n,), each point's norm outside them; or
+    (u, 0, None) when r <= 2 q. Projections on a unit w of the sketch are projections of u on the unit Q w, so a gap
+    seen in the sketch is a gap of the data; only distances need rho (see ``Components``)."""
+    n, r = u.shape
+    if r <= 2 * SKETCH_DIM:
+        return u, torch.zeros(n, dtype=u.dtype, device=u.device), None
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    Q = torch.randn(r, SKETCH_DIM, generator=gen, dtype=u.dtype).to(u.device)
+    for _ in range(2):
+        Q, _ = torch.linalg.qr(u.T @ (u @ Q))
+    S = u @ Q
+    rho = ((u * u).sum(1) - (S * S).sum(1)).clamp_min(0).sqrt()
+    return S.contiguous(), rho, Q
+
+
+def _split(P: torch.Tensor, tau: float, near_rtol: float, mean_sq: float):
     """(direction, threshold, left mask) for a node's points P, or None. A gap of at least tau along the 2-means
     axis or the top principal direction certifies the split (module docstring); failing that, a 2-means split
     whose halves keep at most SPLIT_GAIN of the spread about their own means (clusters that touch or overlap:
     the partly collapsed classes of a Deep RFM layer) is taken too: pairs across it are evaluated in the global
     frame, and the few of them that are near are recomputed exactly, as without the split. Such a split needs its
     halves' means apart by more than the global frame's near radius, sqrt(8 near_rtol) times the points' rms
-    distance from the global centre: splitting one tight cluster would only make near cross pairs."""
+    distance from the global centre: splitting one tight cluster would only make near cross pairs. ``mean_sq``:
+    the mean squared norm of the node's points (in the full coordinates, when P is a sketch)."""
     found = _two_means(P)
     if found is not None:
         w, boundary, projection, kept = found
@@ -133,7 +153,7 @@ def _split(P: torch.Tensor, tau: float, near_rtol: float):
         left = projection < boundary
         count = int(left.sum())
         separation = float(projection[left].mean() - projection[~left].mean()) if 0 < count < P.shape[0] else 0.0
-        wide = separation**2 >= 8.0 * near_rtol * float((P * P).sum(1).mean())
+        wide = separation**2 >= 8.0 * near_rtol * mean_sq
         if kept <= SPLIT_GAIN and wide and MIN_FRAMED <= count <= P.shape[0] - MIN_FRAMED:
             return w, boundary, left
     v = _principal(P)
@@ -146,25 +166,39 @@ def _split(P: torch.Tensor, tau: float, near_rtol: float):
 
 
 class Components:
-    """Gap-certified components of the centres (see the module docstring)."""
+    """Gap-certified components of the centres (see the module docstring).
+
+    The search works on a sketch of the centres (their leading principal coordinates, ``_sketch``), so its cost
+    does not grow with r: split directions lie in the sketch (stored lifted back, Q w, for ``assign``), and a
+    node's radius is bounded from above with the norms rho outside it, ||u_i - mean|| <= ||S_i - mean_S|| +
+    rho_i + mean(rho) (the mean's outside part is at most the mean of the outside norms), so a gap still
+    certifies at least tau."""
 
     def __init__(self, u: torch.Tensor, near_rtol: float):
         n = u.shape[0]
+        S, rho, Q = _sketch(u)
+        full_sq = (u * u).sum(1)
         self.root = _Node(torch.arange(n, device=u.device))
         leaves, stack = [], [self.root]
         while stack:
             node = stack.pop()
             split = None
             if node.index.numel() >= 2 * MIN_FRAMED and len(leaves) + len(stack) + 1 < MAX_COMPONENTS:
-                P = u if node.index.numel() == n else u[node.index]
+                whole = node.index.numel() == n
+                P = S if whole else S[node.index]
+                out = rho if whole else rho[node.index]
                 mean = P.mean(0)
-                radius = float(((P * P).sum(1) - 2.0 * (P @ mean) + (mean * mean).sum()).max().clamp_min(0).sqrt())
-                split = _split(P, gap_threshold(near_rtol, radius), near_rtol)
+                inside = ((P * P).sum(1) - 2.0 * (P @ mean) + (mean * mean).sum()).clamp_min(0)
+                radius = float((inside.sqrt() + out + out.mean()).max())
+                mean_sq = float((full_sq if whole else full_sq[node.index]).mean())
+                split = _split(P, gap_threshold(near_rtol, radius), near_rtol, mean_sq)
             if split is None:
                 node.label = len(leaves)
                 leaves.append(node)
                 continue
             node.direction, node.threshold, left = split
+            if Q is not None:
+                node.direction = Q @ node.direction
             node.children = (_Node(node.index[left]), _Node(node.index[~left]))
             stack.extend(node.children[::-1])
         self.count = len(leaves)

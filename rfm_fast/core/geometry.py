@@ -73,6 +73,8 @@ def reuse():
 
 def _reuse_key(z, x, M, spec, options) -> tuple:
     def tag(t):
+        if isinstance(t, MetricFactor):
+            return ("factor", tag(t.source)) if t.source is not None else ("factor", id(t))
         return None if t is None else (id(t), t._version, tuple(t.shape), tuple(t.stride()), t.dtype, t.device)
 
     return (tag(z), tag(x), tag(M), spec, options)
@@ -187,7 +189,7 @@ class Geometry:
         rtol_d = spec.direct_rtol(dtype)
         tn_x = tn_z = None
         if kdir:
-            zt, xt = compensated_pair(z, x, same, centre, factor, sigma, dtype, kdir)
+            zt, xt = compensated_pair(z, x, same, centre, factor, sigma, dtype, kdir, dedupe=False)
             tn_x = (xt[0] * xt[0]).sum(1)
             tn_z = tn_x if same else (zt[0] * zt[0]).sum(1)
         xe = ue_x[:, kdir:].contiguous()
@@ -402,18 +404,21 @@ def _check_range(u: torch.Tensor, name: str) -> None:
 
 
 def compensated_pair(z: torch.Tensor, x: torch.Tensor, same: bool, centre: torch.Tensor, factor: MetricFactor,
-                     sigma: float, dtype: torch.dtype, k: Optional[int] = None) -> tuple:
+                     sigma: float, dtype: torch.dtype, k: Optional[int] = None, dedupe: bool = True) -> tuple:
     """Scaled coordinates ((t - c) F sigma, the first ``k`` of them, default all) of z and x in float64, returned
     as (hi, lo) pairs in ``dtype`` (lo None for float64) whose sum carries the float64 value to ~2^-48: their
     differences (hi_z - hi_x) + (lo_z - lo_x) keep near pairs' digits.
 
     Equal rows of z and x map to bit-equal coordinates: a GEMM does not promise one summation order for all its
     rows (measured: MKL on an AMD EPYC gave equal float64 rows of one product different last bits, at d = 17),
-    so the distinct rows are transformed once (torch.unique) and gathered back."""
+    so the distinct rows are transformed once (torch.unique) and gathered back. That is for consumers without a
+    near-pair recheck (KeOps); the core's tiles pass ``dedupe=False`` (a sort of the rows costs more than the rest
+    of a mat-vec's preparation): two equal rows whose coordinates differ in the last float64 bits give a direct
+    s of at most ~2^-48 |t|^2 or below zero, inside the direct near threshold, and are recomputed exactly."""
     head = factor if k is None or k == factor.r else MetricFactor("dense", factor.d, k,
                                                                   dense=factor.as_dense(z.device)[:, :k])
     both = x if same else torch.cat([z, x])
-    if head.kind == "dense":
+    if head.kind == "dense" and dedupe:
         distinct, inverse = torch.unique(both, dim=0, return_inverse=True)
         wide = head.transform(distinct.to(torch.float64) - centre, sigma)[inverse]
     else:

@@ -101,11 +101,25 @@ def _product(geom: Geometry, acc: torch.Tensor, weights: torch.Tensor, coeffs: _
         for r0 in range(0, weights.shape[0], step):
             r1 = min(weights.shape[0], r0 + step)
             R = r1 - r0
-            P = torch.mm(weights[r0:r1, c0:c0 + rhs.shape[0]], rhs, out=tmp[:R])
+            W = weights[r0:r1, c0:c0 + rhs.shape[0]]
+            # P_V straight into the V part (no product buffer), P_alpha (R, c) apart: it is multiplied out at once.
+            acc[r0:r1, c:].addmm_(W, rhs[:, c:])
+            p_alpha = torch.mm(W, rhs[:, :c], out=tmp.view(-1)[:R * c].view(R, c))
             local = coeffs.coords.z(frame)[rows.start + r0:rows.start + r1]
-            acc_v = acc[r0:r1, c:].view(R, c, re)
-            acc_v.add_(P[:, c:].view(R, c, re))
-            acc_v.addcmul_(P[:, :c, None], local[:, None, :], value=-1.0)
+            acc[r0:r1, c:].view(R, c, re).addcmul_(p_alpha[:, :, None], local[:, None, :], value=-1.0)
+
+
+def _tile_products(geom: Geometry, acc: torch.Tensor, tile: torch.Tensor, coeffs: _Coefficients, rows: slice,
+                   cols: slice, tmp: torch.Tensor, c: int, acc_cols: Optional[torch.Tensor] = None) -> None:
+    """acc (the rows' accumulator) += the tile's contribution W [alpha | V]_cols, and with ``acc_cols`` (the mirrored
+    side of the symmetric schedule) acc_cols += W^T [alpha | V]_rows, rectangle by rectangle, each in its frame."""
+    for seg in geom.segments(rows, cols):
+        sr = slice(seg.rows.start - rows.start, seg.rows.stop - rows.start)
+        sc = slice(seg.cols.start - cols.start, seg.cols.stop - cols.start)
+        sub = tile[sr, sc]
+        _product(geom, acc[sr], sub, coeffs, seg.frame, seg.cols, seg.rows, tmp, c)
+        if acc_cols is not None:
+            _product(geom, acc_cols[sc], sub.T, coeffs, seg.frame, seg.rows, seg.cols, tmp, c)
 
 
 def _framed_chunk(geom: Geometry, width: int, item: int, budget: int) -> int:
@@ -203,15 +217,12 @@ def _one_sided(geom, alpha, evaluator, budget, scratch_cells, pair_weights):
                 pw = None if near is None else block[near.rows, near.cols]
             if near is not None:
                 _add_near(geom, acc, direct_acc, near, alpha[cols], weights=pw, width=coeffs.coords.width)
-            if coeffs.coords.width:
-                for seg in geom.segments(rows, cols):
-                    lr = slice(seg.rows.start - rows.start, seg.rows.stop - rows.start)
-                    sub = tile[lr, seg.cols.start - cols.start:seg.cols.stop - cols.start]
-                    _product(geom, acc[lr], sub, coeffs, seg.frame, seg.cols, seg.rows, tmp_buf, c)
             for q in range(k):
                 if not evaluator.weighted_direct:
                     direct[q].mul_(tile)
                 direct_acc[q].addmm_(alpha[cols].T, direct[q].T)
+            if coeffs.coords.width:
+                _tile_products(geom, acc, tile, coeffs, rows, cols, tmp_buf, c)
         yield rows, _finish(geom, rows, acc, direct_acc, c, out_buf, coeffs.coords)
 
 
@@ -283,15 +294,8 @@ def _symmetric(geom, alpha, evaluator, budget, plan, scratch_cells):
                     if mirrored:
                         direct_acc[q, :, lc].addmm_(alpha[part].T, direct[q], alpha=-1.0)
             if coeffs.coords.width:
-                for seg in geom.segments(rows, cols):
-                    sr = slice(seg.rows.start - rows.start, seg.rows.stop - rows.start)
-                    sc = slice(seg.cols.start - cols.start, seg.cols.stop - cols.start)
-                    sub = tile[sr, sc]
-                    _product(geom, acc[seg.rows.start - g0:seg.rows.stop - g0], sub, coeffs, seg.frame, seg.cols,
-                             seg.rows, tmp_buf, c)
-                    if mirrored:
-                        _product(geom, acc[seg.cols.start - g0:seg.cols.stop - g0], sub.T, coeffs, seg.frame,
-                                 seg.rows, seg.cols, tmp_buf, c)
+                _tile_products(geom, acc[rows.start - g0:rows.stop - g0], tile, coeffs, rows, cols, tmp_buf, c,
+                               acc_cols=acc[lc] if mirrored else None)
         for I in group:
             rows = blocks[I]
             lr = slice(rows.start - g0, rows.stop - g0)

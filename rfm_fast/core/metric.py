@@ -8,7 +8,7 @@ vanishing share of pairs. Larger ones are kept, however small: a learned near-ra
 1e-8 .. 1e-11 of its largest, and dropping those at eps * e_max changed the AGOP by up to 9% (float32, RFM on a
 one-direction target), because the pairs that are close along the top direction are then measured only by them.
 
-Forms: ``identity`` (M None: F = I, r = d), ``diagonal`` (M (d,): the coordinates with m_k > eps * max m, scaled by
+Forms: ``identity`` (M None: F = I, r = d), ``diagonal`` (M (d,): the coordinates with m_k > eps^2 * max m, scaled by
 sqrt(m_k)), ``dense`` (M (d, d): F = V_r diag(sqrt(e_r)) from eigh in float64). The factor may be rotated by an
 orthogonal r x r matrix (``rotated``) without changing M, which the geometry does to put the data's leading
 directions first.
@@ -24,6 +24,11 @@ import torch
 
 def _eps(dtype: torch.dtype) -> float:
     return torch.finfo(dtype).eps if dtype.is_floating_point else torch.finfo(torch.float64).eps
+
+
+def _work_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Half-precision inputs are computed in float32 (the backends that take them promote)."""
+    return dtype if dtype in (torch.float32, torch.float64) else torch.float32
 
 
 def psd_sqrt(M: torch.Tensor) -> torch.Tensor:
@@ -42,9 +47,26 @@ class MetricFactor:
     and sqrt(m_keep) of a diagonal M, None for the identity."""
 
     def __init__(self, kind: str, d: int, r: int, dense: Optional[torch.Tensor] = None,
-                 keep: Optional[torch.Tensor] = None, root: Optional[torch.Tensor] = None):
+                 keep: Optional[torch.Tensor] = None, root: Optional[torch.Tensor] = None,
+                 source: Optional[torch.Tensor] = None):
         self.kind, self.d, self.r = kind, d, r
         self.dense, self.keep, self.root = dense, keep, root
+        self.source = source  # the caller's (d, r) factor S when the metric was given as M = S S^T
+
+    @classmethod
+    def from_factor(cls, S: torch.Tensor, dtype: torch.dtype, device: torch.device) -> "MetricFactor":
+        """The factor of M = S S^T for a caller's S (d, k), without forming M: the thin SVD S = U diag(sv) V^T in
+        float64 gives F = U_r diag(sv_r) for the singular values above eps * sv_max (eigenvalues of M above
+        eps^2 * e_max, the cut of :meth:`from_matrix`). O(d k^2)."""
+        d = S.shape[0]
+        S64 = S.detach().to(device=device, dtype=torch.float64)
+        if S64.numel() == 0:
+            return cls("dense", d, 0, dense=S64.new_zeros(d, 0), source=S)
+        U, sv, _ = torch.linalg.svd(S64, full_matrices=False)
+        top = float(sv.max())
+        kept = torch.nonzero(sv > _eps(_work_dtype(dtype)) * top).flatten() if top > 0 else sv.new_zeros(
+            0, dtype=torch.long)
+        return cls("dense", d, int(kept.numel()), dense=U[:, kept] * sv[kept], source=S)
 
     @classmethod
     def from_matrix(cls, M: Optional[torch.Tensor], d: int, dtype: torch.dtype,
@@ -53,6 +75,8 @@ class MetricFactor:
         dense M has an eigenvalue below zero by more than rounding."""
         if M is None:
             return cls("identity", d, d)
+        if isinstance(M, MetricFactor):
+            return M
         eps = _eps(dtype) ** 2
         M64 = M.to(device=device, dtype=torch.float64)
         if M.ndim == 1:

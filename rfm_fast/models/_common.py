@@ -95,14 +95,6 @@ def symmetrize(M: torch.Tensor) -> torch.Tensor:
     return M if M.ndim == 1 else 0.5 * (M + M.T)
 
 
-def psd_sqrt(M: torch.Tensor) -> torch.Tensor:
-    """Symmetric square root of a symmetric (d, d) matrix by eigh in float64, negative eigenvalues clipped to 0;
-    returned in M's dtype and device."""
-    evals, evecs = torch.linalg.eigh(symmetrize(M.to(torch.float64)))
-    root = (evecs * evals.clamp_min(0).sqrt()) @ evecs.T
-    return symmetrize(root).to(M.dtype)
-
-
 def row_normalize(X: torch.Tensor) -> torch.Tensor:
     """Rows scaled to unit Euclidean norm; an all-zero row stays zero."""
     norms = X.norm(dim=1, keepdim=True)

@@ -25,7 +25,7 @@ class RFM(BaseEstimator):
     f(z) = sum_i alpha_i k_M(z, x_i) at the training points (or ``agop_samples`` of them); set M to that AGOP,
     rescaled by ``normalize`` ("max": divided by its largest entry, as the published RFM code does; "trace":
     divided by its trace; None: as is). A last solve with the final M gives the predictor. Kernels and M follow
-    CONVENTIONS.md: laplace exp(-||z - x||_M / L), gaussian exp(-||z - x||_M^2 / (2 L^2)).
+    docs/maths.md: laplace exp(-||z - x||_M / L), gaussian exp(-||z - x||_M^2 / (2 L^2)).
 
     Args:
         kernel: "laplace" or "gaussian". bandwidth: L > 0. reg: ridge >= 0. iters: number of M updates (>= 0).
@@ -38,6 +38,7 @@ class RFM(BaseEstimator):
         solver: passed to :func:`rfm_fast.krr_solve` ("auto", "cholesky", "cg", "pcg").
         dtype: "float32" / "float64" / torch dtype (default float32). device: torch device (default: X's device
             for a torch X, else CPU). backend: passed to the ops. random_state: seed of the AGOP subsample.
+        verbose: show the iterative solvers' progress bars (``krr_solve(progress=True)``, CG / PCG only).
 
     After fit: ``M_`` ((d,) or (d, d) tensor), ``alpha_`` (n, c), ``X_fit_`` (the centres), ``classes_``
     (classification), ``history_`` (one dict per solve: iteration, train_score, val_score when validation data
@@ -51,7 +52,7 @@ class RFM(BaseEstimator):
     def __init__(self, kernel: str = "laplace", bandwidth: float = 10.0, reg: float = 1e-3, iters: int = 5,
                  diag: bool = False, centered: bool = False, normalize: Optional[str] = "max", task: str = "auto",
                  agop_samples: Optional[int] = None, solver: str = "auto", dtype: Any = None, device: Any = None,
-                 backend: str = "auto", random_state: Optional[int] = None):
+                 backend: str = "auto", random_state: Optional[int] = None, verbose: bool = False):
         self.kernel = kernel
         self.bandwidth = bandwidth
         self.reg = reg
@@ -66,6 +67,7 @@ class RFM(BaseEstimator):
         self.device = device
         self.backend = backend
         self.random_state = random_state
+        self.verbose = verbose
 
     def _check_params(self) -> None:
         if self.task not in TASKS:
@@ -115,7 +117,8 @@ class RFM(BaseEstimator):
         self.history_ = []
         best = None
         for iteration in range(self.iters + 1):
-            alpha = krr_solve(Xt, Y, M=M, reg=self.reg, solver=self.solver, **self._kwargs())
+            alpha = krr_solve(Xt, Y, M=M, reg=self.reg, solver=self.solver, progress=bool(self.verbose),
+                              **self._kwargs())
             self.M_, self.alpha_ = M, alpha
             record = {"iteration": iteration, "train_score": self.score(Xt, y)}
             if has_val:

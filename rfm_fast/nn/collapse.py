@@ -47,6 +47,7 @@ import torch
 from torch import nn
 
 from .. import metrics
+from ..core.metric import psd_sqrt
 from .agop import batched_apply, layer_agop, linear_indices
 
 Tensorish = Any
@@ -149,13 +150,6 @@ def pearson(a: torch.Tensor, b: torch.Tensor) -> float:
     return float(a @ b) / denom if denom > 0 else float("nan")
 
 
-def psd_sqrt(A: torch.Tensor) -> torch.Tensor:
-    """Symmetric square root of a symmetric matrix, negative eigenvalues (rounding noise) clipped to 0."""
-    A = A.to(torch.float64)
-    evals, evecs = torch.linalg.eigh(0.5 * (A + A.T))
-    return (evecs * evals.clamp_min(0).sqrt()) @ evecs.T
-
-
 def right_singular_share(nc1_input: float, nc1_right: float, nc1_output: float) -> float:
     """(log NC1(input) - log NC1(right)) / (log NC1(input) - log NC1(output)); NaN in the degenerate cases
     (a value that is not finite and positive, or no NC1 drop across the layer)."""
@@ -246,7 +240,7 @@ def collapse_by_layer(model: nn.Sequential | Sequence[nn.Linear] | Sequence[Line
             G = layer_agop(layer.head, points, batch_size=agop_batch_size, mean=True)
             gram = W.to(torch.float64).T @ W.to(torch.float64)
             corr = pearson(gram, G)
-            corr_sqrt = pearson(gram, psd_sqrt(G))
+            corr_sqrt = pearson(gram, psd_sqrt(G.to(torch.float64)))
         results.append(LayerCollapse(
             name=layer.name, shape=(int(W.shape[0]), int(W.shape[1])),
             nc1_input=nc1s[0], nc1_right=nc1s[1], nc1_output=nc1s[2],

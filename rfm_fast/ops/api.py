@@ -2,6 +2,9 @@
 
 Conventions (docs/maths.md): evaluation points x (m, d), centres (n, d), coefficients alpha (n, c) or (n,),
 bandwidth L > 0, M None / (d,) diagonal / (d, d) symmetric PSD, ||u||_M = sqrt(u^T M u);
+``M_factor=S`` (d, k) instead of M stands for M = S S^T (a low-rank metric the caller holds as a factor: it is
+used through its thin SVD, and M is never formed). Every op works in the metric's numerical rank r (eigenvalues
+of M above eps^2 times the largest, eps of the working dtype): its GEMMs cost r, not d, columns;
 laplace k = exp(-||z - x||_M / L), gaussian k = exp(-||z - x||_M^2 / (2 L^2)).
 
 Type rules: numpy in gives numpy out, torch in gives torch out on the device and dtype of ``x``. float32 and
@@ -50,13 +53,13 @@ def _check_M_grad(problem: Problem) -> None:
 
 
 def kernel_matrix(x: Any, centers: Any, *, kernel: str = "laplace", bandwidth: float = 1.0, M: Any = None,
-                  backend: str = "auto", memory_budget: Optional[int | str] = None) -> Any:
+                  backend: str = "auto", memory_budget: Optional[int | str] = None, M_factor: Any = None) -> Any:
     """Kernel matrix K[j, i] = k_M(x_j, centers_i).
 
     x: (m, d), centers: (n, d) -> (m, n). The output is the only O(m n) allocation. Differentiable with respect
     to x and centers (torch tensors that require grad).
     """
-    problem = prepare(x, centers, None, M, kernel, bandwidth, need_alpha=False)
+    problem = prepare(x, centers, None, M, kernel, bandwidth, need_alpha=False, M_factor=M_factor)
     budget = resolve_budget(memory_budget)
     _check_M_grad(problem)
     if needs_grad(problem.x, problem.centers):
@@ -65,13 +68,14 @@ def kernel_matrix(x: Any, centers: Any, *, kernel: str = "laplace", bandwidth: f
 
 
 def kernel_mv(x: Any, centers: Any, alpha: Any, *, kernel: str = "laplace", bandwidth: float = 1.0, M: Any = None,
-              backend: str = "auto", memory_budget: Optional[int | str] = None) -> Any:
+              backend: str = "auto", memory_budget: Optional[int | str] = None, M_factor: Any = None) -> Any:
     """Kernel predictor f(x_j) = sum_i alpha_i k_M(x_j, centers_i), i.e. K(x, centers) @ alpha.
 
     x: (m, d), centers: (n, d), alpha: (n, c) -> (m, c); alpha (n,) -> (m,). No m x n matrix is formed.
     Differentiable with respect to x, centers and alpha (torch tensors that require grad).
     """
-    problem = prepare(x, centers, alpha, M, kernel, bandwidth, need_alpha=True, allow_half=True)
+    problem = prepare(x, centers, alpha, M, kernel, bandwidth, need_alpha=True, allow_half=True,
+                      M_factor=M_factor)
     budget = resolve_budget(memory_budget)
     _check_M_grad(problem)
     if needs_grad(problem.x, problem.centers, problem.alpha):
@@ -82,7 +86,7 @@ def kernel_mv(x: Any, centers: Any, alpha: Any, *, kernel: str = "laplace", band
 
 
 def kernel_grad(x: Any, centers: Any, alpha: Any, *, kernel: str = "laplace", bandwidth: float = 1.0, M: Any = None,
-                backend: str = "auto", memory_budget: Optional[int | str] = None) -> Any:
+                backend: str = "auto", memory_budget: Optional[int | str] = None, M_factor: Any = None) -> Any:
     """Gradient of the predictor with respect to its input, J(x_j) in R^{c x d}:
 
         laplace:  J(z) = sum_i alpha_i (-(1/L) k / ||z - x_i||_M) (M (z - x_i))^T   (0 for z = x_i)
@@ -91,7 +95,8 @@ def kernel_grad(x: Any, centers: Any, alpha: Any, *, kernel: str = "laplace", ba
     x: (m, d), centers: (n, d), alpha: (n, c) -> (m, c, d); alpha (n,) -> (m, d). Not differentiable itself
     (raises on inputs that require grad).
     """
-    problem = prepare(x, centers, alpha, M, kernel, bandwidth, need_alpha=True, allow_half=True)
+    problem = prepare(x, centers, alpha, M, kernel, bandwidth, need_alpha=True, allow_half=True,
+                      M_factor=M_factor)
     _no_autograd("kernel_grad", problem)
     out = _run("kernel_grad", problem, backend, resolve_budget(memory_budget))
     return problem.output(out[:, 0] if problem.squeeze_c else out)
@@ -99,7 +104,7 @@ def kernel_grad(x: Any, centers: Any, alpha: Any, *, kernel: str = "laplace", ba
 
 def agop(x: Any, centers: Any, alpha: Any, *, kernel: str = "laplace", bandwidth: float = 1.0, M: Any = None,
          centered: bool = False, diag: bool = False, backend: str = "auto",
-         memory_budget: Optional[int | str] = None) -> Any:
+         memory_budget: Optional[int | str] = None, M_factor: Any = None) -> Any:
     """Average gradient outer product of the predictor over the evaluation points x:
 
         AGOP = (1/m) sum_j J(x_j)^T J(x_j)                       (d, d), symmetric PSD
@@ -113,7 +118,7 @@ def agop(x: Any, centers: Any, alpha: Any, *, kernel: str = "laplace", bandwidth
     centered = check_flag("centered", centered)
     diag = check_flag("diag", diag)
     problem = prepare(x, centers, alpha, M, kernel, bandwidth, need_alpha=True, allow_half=True,
-                      allow_empty_x=False)
+                      allow_empty_x=False, M_factor=M_factor)
     _no_autograd("agop", problem)
     return problem.output(_run("agop", problem, backend, resolve_budget(memory_budget), centered=centered,
                                diag=diag))

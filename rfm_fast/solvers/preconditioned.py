@@ -1,6 +1,6 @@
 """Kernel ridge regression at large n: conjugate gradients preconditioned by a randomized Nystrom approximation.
 
-Solves (K + reg I) alpha = Y, K = K_M(X, X) the Laplace or Gaussian kernel matrix of CONVENTIONS.md, touching
+Solves (K + reg I) alpha = Y, K = K_M(X, X) the Laplace or Gaussian kernel matrix of docs/maths.md, touching
 the kernel only through the fused ops: :func:`rfm_fast.kernel_mv` for every product K p (never an n x n matrix)
 and :func:`rfm_fast.kernel_matrix` on n x r blocks for the preconditioner.
 
@@ -17,7 +17,7 @@ matrix on n points has a top eigenvalue of order n and then a slowly decaying ta
 Why Nystrom-PCG rather than EigenPro: EigenPro's preconditioner is also built from a subsample's top
 eigenvectors, but it drives a (stochastic) Richardson / gradient iteration whose step size must be tuned to the
 damped spectrum and which targets interpolation (reg = 0) with mini-batches. Here the system is the ridge system
-of CONVENTIONS.md solved to a stated relative residual: a symmetric positive definite preconditioner inside CG
+of docs/maths.md solved to a stated relative residual: a symmetric positive definite preconditioner inside CG
 gives the sqrt(condition number) rate, no step size, a residual that can be checked exactly, and uses every
 full product K p (which the fused op makes cheap). Falkon itself solves the Nystrom-restricted problem (alpha
 supported on the r centres); we keep the full n-centre solution the models need and use the same kind of
@@ -32,8 +32,8 @@ carry rounding, not information).
 Stopping. Each column of Y runs its own CG recurrence in lock step (one kernel product serves all c columns:
 the product's cost is dominated by the n^2 distances, not by c). A column stops when its relative residual
 ||Y_j - (K + reg I) alpha_j|| / ||Y_j|| <= tol; the solve ends when all have stopped and the true residual,
-recomputed with one more product (in float64, for the coefficients as returned in the data's dtype), confirms
-it; otherwise CG restarts from the true residual (iterative refinement for float32 data).
+recomputed with one more product in float64, confirms it; otherwise CG restarts from the true residual
+(iterative refinement for float32 data; the iteration itself is :func:`rfm_fast.solvers.cg.iterate`).
 
 Memory: X and the products' tiles (the ops' ``memory_budget``), Y / alpha / r / z / p / A p in float64 (6 n c),
 C and U in float64 (n r), r x r matrices. Never n x n.
@@ -53,8 +53,10 @@ import torch
 
 from .._validation import FLOAT_DTYPES, check_bandwidth, check_kernel
 from ..core.geometry import reuse
-from ..ops.api import kernel_matrix, kernel_mv
-from .cg import ConvergenceError, default_max_iter, default_tol
+from ..ops.api import kernel_matrix
+from .cg import (ConvergenceError, LocalComm, default_max_iter, default_tol, float64_ops, iterate, progress_bar,
+                 ridge_products)
+from .cg import failure_message as _failure_message
 
 __all__ = ["nystrom_pcg", "NystromPreconditioner", "default_rank", "ConvergenceError"]
 
@@ -70,8 +72,6 @@ _RETRY_FACTORS = (1.0, 2.0**6, 2.0**12)
 _MAX_DEFAULT_RANK = 1000
 _DEFAULT_BASIS_ELEMS = 2**28
 _BASIS_BLOCK_ROWS = 4096
-# A restart from the true residual must shrink it at least this much, else the solve has stalled.
-_STAGNATION = 0.5
 
 
 def default_rank(n: int) -> int:
@@ -79,19 +79,6 @@ def default_rank(n: int) -> int:
     ~2 GiB (never below 100). At n = 2e4, d = 32 (Laplace, reg 1e-3) rank 1000 took 24 iterations where 500 took 33,
     for 1.2 s of setup."""
     return int(min(n, _MAX_DEFAULT_RANK, max(100, _DEFAULT_BASIS_ELEMS // max(n, 1))))
-
-
-class LocalComm:
-    """The single-process communicator: every rank-reduction is the identity."""
-
-    world_size = 1
-    rank = 0
-
-    def allsum(self, t: torch.Tensor) -> torch.Tensor:
-        return t
-
-    def gather_rows(self, local: torch.Tensor) -> torch.Tensor:
-        return local
 
 
 def sample_centres(n: int, r: int, seed: int) -> torch.Tensor:
@@ -121,8 +108,8 @@ class NystromPreconditioner:
               comm: Any) -> "NystromPreconditioner":
         """X (n, d) whole on every rank; ``rows`` this rank's rows; ``centres`` (r,) indices into X."""
         X64 = X[centres].to(torch.float64)
-        M64 = None if M is None else M.to(torch.float64)
-        ops = dict(kernel=kernel, bandwidth=bandwidth, M=M64, backend=backend, memory_budget=memory_budget)
+        ops = float64_ops(dict(kernel=kernel, bandwidth=bandwidth, M=M, backend=backend, memory_budget=memory_budget),
+                          X.dtype)
         # C in float64 (n x r: cheap, n r d flops) so the pseudo-inverse below amplifies rounding of 1e-16, not 1e-7.
         C = kernel_matrix(X[rows].to(torch.float64), X64, **ops)
         K_ss = kernel_matrix(X64, X64, **ops)
@@ -172,10 +159,6 @@ class NystromPreconditioner:
         return torch.addmm(v, self.U, t * self.shift[:, None])
 
 
-def _column_norms(t: torch.Tensor, comm: Any) -> torch.Tensor:
-    return comm.allsum((t * t).sum(0)).sqrt()
-
-
 @reuse()
 def pcg_rows(X: torch.Tensor, Y: torch.Tensor, rows: slice, comm: Any, *, kernel: str, bandwidth: float,
              M: Optional[torch.Tensor], reg: float, tol: float, max_iter: int, rank: int, backend: str, seed: int,
@@ -185,123 +168,25 @@ def pcg_rows(X: torch.Tensor, Y: torch.Tensor, rows: slice, comm: Any, *, kernel
     X (n, d) whole; Y (rows, c) this rank's rows of the right-hand side. Returns this rank's rows of alpha
     (float64) and the info dict; raises nothing on non-convergence (``info["converged"]`` says it).
     """
-    n = X.shape[0]
     ops = dict(kernel=kernel, bandwidth=bandwidth, M=M, backend=backend, memory_budget=memory_budget)
-    X_local = X[rows]
-    work = X.dtype
-
-    def apply_A(p: torch.Tensor) -> torch.Tensor:
-        full = comm.gather_rows(p.to(work))
-        return kernel_mv(X_local, X, full, **ops).to(torch.float64).add_(p, alpha=reg)
-
-    if work == torch.float64:
-        apply_exact = apply_A
-    else:
-        # The residual that decides convergence is recomputed with a float64 product (the same points, upcast
-        # exactly): float32 products alone stall near 1e-4 on ridge systems with small reg, because alpha is
-        # ~||Y|| / reg large. The float32 CG between checks is then a correction solve (iterative refinement).
-        X64, M64 = X.to(torch.float64), None if M is None else M.to(torch.float64)
-        ops64 = dict(ops, M=M64)
-
-        def apply_exact(p: torch.Tensor) -> torch.Tensor:
-            full = comm.gather_rows(p)
-            return kernel_mv(X64[rows], X64, full, **ops64).add_(p, alpha=reg)
-
-    def returned(alpha: torch.Tensor) -> torch.Tensor:
-        # The caller gets alpha in the data's dtype: the residual that is checked and reported is that alpha's.
-        return alpha if work == torch.float64 else alpha.to(work).to(torch.float64)
-
     start = time.perf_counter()
-    pre = NystromPreconditioner.build(X, rows, sample_centres(n, rank, seed), reg=reg, comm=comm, **ops)
+    pre = NystromPreconditioner.build(X, rows, sample_centres(X.shape[0], rank, seed), reg=reg, comm=comm, **ops)
     setup_seconds = time.perf_counter() - start
-
-    Y = Y.to(torch.float64)
-    y_norm = _column_norms(Y, comm)
-    # A zero column has the zero solution; dividing its (zero) residual by 1 keeps the test finite.
-    scale = torch.where(y_norm > 0, y_norm, torch.ones_like(y_norm))
-    alpha = torch.zeros_like(Y)
-    r = Y.clone()
-    z = pre.apply(r)
-    p = z.clone()
-    rz = comm.allsum((r * z).sum(0))
-    res = _column_norms(r, comm) / scale
-    iterations, restarts, worst = 0, 0, float(res.max())
-    checked = math.inf
-    converged = stalled = False
-    bar = _progress_bar(progress and comm.rank == 0, max_iter)
+    apply_A, apply_exact = ridge_products(X, rows, comm, reg, ops)
+    bar = progress_bar(progress and comm.rank == 0, max_iter, "Nystrom-PCG")
     try:
-        while True:
-            active = res > tol
-            if not bool(active.any()):
-                alpha = returned(alpha)  # restarts continue from the coefficients as they would be returned
-                true_r = Y - apply_exact(alpha)
-                res = _column_norms(true_r, comm) / scale
-                previous, worst = checked, float(res.max())
-                checked = worst
-                if worst <= tol:
-                    converged = True
-                    break
-                if worst > _STAGNATION * previous or iterations >= max_iter:
-                    # A restart that does not shrink the true residual will not converge: the products' rounding
-                    # is the floor (or the cap is hit). Stop instead of spinning to max_iter.
-                    stalled = worst > _STAGNATION * previous
-                    break
-                # The recurrence drifted from the true residual (float32 products): restart from the true one.
-                restarts += 1
-                r = true_r
-                z = pre.apply(r)
-                p = z.clone()
-                rz = comm.allsum((r * z).sum(0))
-                continue
-            if iterations >= max_iter:
-                alpha = returned(alpha)
-                res = _column_norms(Y - apply_exact(alpha), comm) / scale
-                worst = float(res.max())
-                break
-            Ap = apply_A(p)
-            iterations += 1
-            pAp = comm.allsum((p * Ap).sum(0))
-            if bool(((pAp <= 0) & active).any()) or bool(((rz <= 0) & active).any()):
-                raise ConvergenceError(
-                    f"PCG broke down at iteration {iterations}: K + reg I (reg={reg:g}) is not positive definite "
-                    f"in {work}; increase reg or use float64", iterations=iterations, residual=worst)
-            step = torch.where(active, rz / torch.where(active, pAp, torch.ones_like(pAp)), torch.zeros_like(rz))
-            alpha.add_(p * step)
-            r.sub_(Ap * step)
-            res = torch.where(active, _column_norms(r, comm) / scale, res)
-            worst = float(res.max())
-            z = pre.apply(r)
-            rz_new = comm.allsum((r * z).sum(0))
-            beta = torch.where(active, rz_new / torch.where(rz > 0, rz, torch.ones_like(rz)), torch.zeros_like(rz))
-            p = torch.where(active, z + p * beta, p)
-            rz = torch.where(active, rz_new, rz)
-            if bar is not None:
-                bar.update(1)
-                bar.set_postfix(residual=f"{worst:.2e}")
+        alpha, info = iterate(apply_A, apply_exact, pre, Y, comm, tol=tol, max_iter=max_iter, bar=bar,
+                              what="PCG")
     finally:
         if bar is not None:
             bar.close()
-    info = {"iterations": iterations, "residual": worst, "converged": converged, "rank": pre.rank,
-            "restarts": restarts, "stalled": stalled, "setup_seconds": setup_seconds,
-            "solve_seconds": time.perf_counter() - start - setup_seconds}
+    info.update(rank=pre.rank, setup_seconds=setup_seconds,
+                solve_seconds=time.perf_counter() - start - setup_seconds)
     return alpha, info
 
 
 def failure_message(info: dict, tol: float, max_iter: int, dtype: torch.dtype) -> str:
-    if info.get("stalled"):
-        return (f"Nystrom-PCG stalled at relative residual {info['residual']:.3g} > tol={tol:g} after "
-                f"{info['iterations']} iterations: the {dtype} kernel products cannot resolve this system more "
-                f"finely; increase reg, loosen tol, or solve in float64")
-    return (f"Nystrom-PCG did not reach tol={tol:g} within max_iter={max_iter} iterations (largest relative "
-            f"residual {info['residual']:.3g}, rank {info['rank']}); raise max_iter or rank, or increase reg")
-
-
-def _progress_bar(enabled: bool, total: int):
-    if not enabled:
-        return None
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, desc="Nystrom-PCG", unit="it", leave=False)
+    return _failure_message("Nystrom-PCG", info, tol, max_iter, dtype)
 
 
 def check_solver_args(X: Any, Y: Any, kernel: Any, bandwidth: Any, M: Any, reg: Any, tol: Any, max_iter: Any,
@@ -355,7 +240,7 @@ def nystrom_pcg(X: Any, Y: Any, *, kernel: str = "laplace", bandwidth: float = 1
     Args:
         X: (n, d) float32/float64 numpy array or torch tensor (any device the ops support); the kernel products
             run in its dtype. Y: (n, c) or (n,) targets. M: None, (d,) or (d, d) PSD, cast to X's dtype.
-        kernel, bandwidth: the kernel of CONVENTIONS.md. reg: ridge >= 0 (> 0 unless K is positive definite).
+        kernel, bandwidth: the kernel of docs/maths.md. reg: ridge >= 0 (> 0 unless K is positive definite).
         tol: relative residual ||Y_j - (K + reg I) alpha_j|| / ||Y_j|| every column must reach (default 1e-4 for
             float32, 1e-8 for float64). max_iter: cap on CG iterations (default min(max(2 n, 100), 10000)).
         rank: Nystrom rank r (default :func:`default_rank`; clipped to n). seed: the centres' sampling seed.
@@ -363,7 +248,8 @@ def nystrom_pcg(X: Any, Y: Any, *, kernel: str = "laplace", bandwidth: float = 1
         raise_on_failure: raise :class:`ConvergenceError` when the tolerance is not met (default); with False
             return the last iterate and ``info["converged"] = False``.
 
-    Returns (alpha, info): alpha (n, c) (or (n,) for a 1-D Y) in X's dtype, on X's device, numpy for numpy X;
+    Returns (alpha, info): alpha (n, c) (or (n,) for a 1-D Y) in float64 (the iterate's precision: see
+    :mod:`rfm_fast.solvers.cg`), on X's device, numpy for numpy X;
     info = {"iterations", "residual" (largest true relative residual over the columns, float), "converged",
     "rank" (Nystrom rank kept), "restarts", "setup_seconds", "solve_seconds"}.
 
@@ -379,6 +265,5 @@ def nystrom_pcg(X: Any, Y: Any, *, kernel: str = "laplace", bandwidth: float = 1
     if raise_on_failure and not info["converged"]:
         raise ConvergenceError(failure_message(info, tol, max_iter, X.dtype), iterations=info["iterations"],
                                residual=info["residual"])
-    alpha = alpha.to(X.dtype)
     alpha = alpha[:, 0] if squeeze else alpha
     return (alpha.cpu().numpy() if numpy_out else alpha), info

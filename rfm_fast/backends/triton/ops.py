@@ -83,8 +83,9 @@ class _Call:
         cast = (lambda t: None if t is None else t.to(dtype))
         self.problem = dataclasses.replace(problem, x=cast(problem.x), centers=cast(problem.centers),
                                            alpha=cast(problem.alpha),
-                                           M=None if problem.M is None else problem.M.to(
-                                               torch.float64 if problem.M.dtype == torch.float64 else dtype))
+                                           M=problem.M if not isinstance(problem.M, torch.Tensor) else
+                                           problem.M.to(torch.float64 if problem.M.dtype == torch.float64
+                                                        else dtype))
         self.spec = KernelSpec(problem.kernel, problem.bandwidth)
         self.precision = precision_mode(dtype)
         p = self.problem

@@ -1,4 +1,4 @@
-"""Reference AGOP from the formula (CONVENTIONS.md):
+"""Reference AGOP from the formula (docs/maths.md):
 
     AGOP = (1/m) sum_j J(z_j)^T J(z_j)          (d, d)
     centred: (1/m) sum_j (J_j - mu)^T (J_j - mu),   mu = (1/m) sum_j J_j   (two passes: nothing cancels)
