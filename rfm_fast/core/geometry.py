@@ -41,6 +41,8 @@ HYBRID_MAX_K = 2
 HYBRID_REST_SHARE = 2.0**-8
 # The decision and the rotation come from the spread of at most this many centres (spaced evenly in their order).
 HYBRID_SAMPLE = 4096
+# Up to this many coordinates the hybrid test takes the Gram matrix's spectrum instead of power steps.
+HYBRID_GRAM_R = 128
 # float32 data whose expanded distances would carry a relative error above WIDE_ERROR in the kernel values get
 # their distance GEMMs in float64 (``Geometry.wide``): the expansion's absolute error in s is ~8 eps (||u_z||^2 +
 # ||u_x||^2) / 2 (measured: 1.3e-5 AGOP error at a mean ||u||^2 of 24, Gaussian), and a Gaussian value takes it
@@ -211,7 +213,9 @@ class Geometry:
         ``rtol_e`` is the near threshold of the working dtype (which decides whether frames help); ``frame_rtol``
         the one the frames' bounds use (float64's for a wide geometry); ``exact64``: form the local coordinates in
         float64 too."""
-        if not worth_searching(ue_x, rtol_e):
+        # The near test sees only the expansion's coordinates (the directly formed ones do not cancel), so only
+        # they can make frames worth their cost.
+        if not worth_searching(ue_x[:, self.kdir:], rtol_e):
             return
         comps = Components(ue_x, rtol_e)
         if comps.count < 2:
@@ -447,6 +451,16 @@ def _hybrid(factor: MetricFactor, xs: torch.Tensor, sigma: float) -> tuple:
     u = u - u.mean(0, keepdim=True)
     total = float((u * u).sum())
     if not total > 0:
+        return factor, 0
+    if u.shape[1] <= HYBRID_GRAM_R:
+        # Few coordinates: the exact spectrum of the r x r Gram matrix costs less than the power steps.
+        u64 = u.to(torch.float64)
+        evals, evecs = torch.linalg.eigh(u64.T @ u64)
+        lead64 = evals.flip(0).clamp_min(0)
+        total64 = float(lead64.sum())
+        for j in range(1, HYBRID_MAX_K + 1):
+            if total64 > 0 and 1.0 - float(lead64[:j].sum()) / total64 <= HYBRID_REST_SHARE:
+                return factor.rotated(evecs.flip(1)), j
         return factor, 0
     gen = torch.Generator(device="cpu").manual_seed(0)
     V = torch.randn(u.shape[1], HYBRID_MAX_K + 2, generator=gen, dtype=u.dtype).to(u.device)
