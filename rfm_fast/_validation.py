@@ -46,6 +46,16 @@ class Problem:
         return result.cpu().numpy() if self.numpy_out else result
 
 
+def tensor_or_array(name: str, value: Any) -> torch.Tensor:
+    """A torch tensor as it is, a numpy array as a tensor (a copy only when it is not contiguous); anything else
+    raises TypeError naming the argument (the solvers' and the sharded ops' inputs)."""
+    if isinstance(value, torch.Tensor):
+        return value
+    if isinstance(value, np.ndarray):
+        return torch.from_numpy(np.ascontiguousarray(value))
+    raise TypeError(f"{name} must be a numpy array or a torch tensor, got {type(value).__name__}")
+
+
 def _to_tensor(name: str, value: Any) -> torch.Tensor:
     """Any array-like as a torch tensor: tensors as they are; numpy arrays without a copy where possible (negative
     strides and non-native byte order are copied); lists, tuples, pandas frames and other array-likes through

@@ -31,6 +31,7 @@ from typing import Any, Optional
 import torch
 import torch.distributed as dist
 
+from ._validation import tensor_or_array as _as_tensor
 from .ops.api import agop as _agop
 from .ops.api import kernel_grad as _kernel_grad
 from .ops.api import kernel_mv as _kernel_mv
@@ -121,16 +122,6 @@ class RankComm:
 
     def gather_rows(self, local: torch.Tensor) -> torch.Tensor:
         return _gather_padded(local, self.sizes, self.group)
-
-
-def _as_tensor(name: str, value: Any) -> torch.Tensor:
-    if isinstance(value, torch.Tensor):
-        return value
-    import numpy as np
-
-    if isinstance(value, np.ndarray):
-        return torch.from_numpy(np.ascontiguousarray(value))
-    raise TypeError(f"{name} must be a torch tensor or a numpy array, got {type(value).__name__}")
 
 
 def agop(x: Any, centers: Any, alpha: Any, *, kernel: str = "laplace", bandwidth: float = 1.0, M: Any = None,

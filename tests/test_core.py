@@ -316,6 +316,34 @@ def test_symmetric_schedule_streams_in_groups_under_a_small_budget(monkeypatch):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+def test_frames_found_on_a_sketch_of_wide_features(backend):
+    """d = 300 (> 2 x the sketch's 32 columns): the component search runs on the principal sketch; it must still
+    find the 10 tight clusters, place evaluation points that are not the centres (the lifted split directions),
+    and keep float32 exact with only self pairs recomputed."""
+    from rfm_fast.core.frames import SKETCH_DIM
+    from rfm_fast.core.tiles import pair_counts
+
+    gen = _gen(12)
+    d = 300
+    assert d > 2 * SKETCH_DIM
+    centres = torch.randn(10, d, generator=gen, dtype=torch.float64)
+    centres /= centres.norm(dim=1, keepdim=True)
+    X = centres[torch.arange(600) % 10] + 1e-3 * torch.randn(600, d, generator=gen, dtype=torch.float64)
+    Z = centres[torch.arange(200) % 10] + 1e-3 * torch.randn(200, d, generator=gen, dtype=torch.float64)
+    alpha = torch.randn(600, 3, generator=gen, dtype=torch.float64)
+    geom = Geometry.build(X.float(), X.float(), None, KernelSpec("laplace", 2.0))
+    assert len(geom.frames) == 2 and len(geom.layout.framed) == 10
+    pair_counts(reset=True)
+    for op in ("kernel_mv", "agop"):
+        got = call(op, X.float(), X.float(), alpha.float(), None, "laplace", 2.0, backend=backend)
+        assert rel_fro(got, reference(op, X, X, alpha, None, "laplace", 2.0)) <= REL_FRO[torch.float32], op
+        got = call(op, Z.float(), X.float(), alpha.float(), None, "laplace", 2.0, backend=backend)
+        assert rel_fro(got, reference(op, Z, X, alpha, None, "laplace", 2.0)) <= REL_FRO[torch.float32], op
+    if backend in ("torch", "cpp"):
+        assert pair_counts(reset=True)["exact"] <= 2 * 2 * 600  # the self pairs of the two x = centres calls
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("op", OPS)
 def test_metric_given_by_its_factor(backend, op):
     """M_factor=S is M = S S^T on every backend, for thin, square, wide and rank-deficient factors."""

@@ -13,20 +13,13 @@ import torch
 
 from .._config import memory_budget as resolve_budget
 from .._validation import FLOAT_DTYPES, check_bandwidth, check_kernel
+from .._validation import tensor_or_array as _as_tensor
 from .cg import ConvergenceError, cg_solve, default_max_iter, default_tol
 from .direct import SingularSystemError, cholesky_solve
 
 __all__ = ["krr_solve", "ConvergenceError", "SingularSystemError", "SOLVERS"]
 
 SOLVERS = ("auto", "cholesky", "cg", "pcg")
-
-
-def _as_tensor(name: str, value: Any) -> torch.Tensor:
-    if isinstance(value, torch.Tensor):
-        return value
-    if isinstance(value, np.ndarray):
-        return torch.from_numpy(np.ascontiguousarray(value))
-    raise TypeError(f"{name} must be a numpy array or a torch tensor, got {type(value).__name__}")
 
 
 def _resolve_dtype(dtype: Any, default: torch.dtype) -> torch.dtype:
