@@ -51,3 +51,22 @@ def nan_poisoned_empty(monkeypatch):
 @pytest.fixture
 def rng():
     return torch.Generator().manual_seed(1234)
+
+
+@pytest.fixture
+def progress_calls(monkeypatch):
+    """install(module): replace ``module.krr_solve`` by a spy; returns the list of the ``progress`` arguments it
+    is called with (the models' ``verbose`` tests)."""
+
+    def install(module):
+        calls = []
+        real = module.krr_solve
+
+        def spy(*args, **kwargs):
+            calls.append(kwargs.get("progress"))
+            return real(*args, **kwargs)
+
+        monkeypatch.setattr(module, "krr_solve", spy)
+        return calls
+
+    return install

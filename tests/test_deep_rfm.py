@@ -122,16 +122,9 @@ def test_cosine_width_defaults_to_the_input_dimension(digits):
             DeepRFM(depth=1, width=bad).fit(X[:20], y[:20])
 
 
-def test_verbose_prints_a_line_per_layer_and_asks_for_progress(digits, capsys, monkeypatch):
+def test_verbose_prints_a_line_per_layer_and_asks_for_progress(digits, capsys, progress_calls):
     X_train, y_train, X_test, y_test = digits
-    calls = []
-    solve = deep_rfm_module.krr_solve
-
-    def spy(*args, **kwargs):
-        calls.append(kwargs.get("progress"))
-        return solve(*args, **kwargs)
-
-    monkeypatch.setattr(deep_rfm_module, "krr_solve", spy)
+    calls = progress_calls(deep_rfm_module)
     quiet = DeepRFM(depth=2, width=32, random_state=0).fit(X_train[:100], y_train[:100])
     assert calls == [False] * 3 and capsys.readouterr().out == ""
     calls.clear()

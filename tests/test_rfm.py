@@ -100,17 +100,10 @@ def test_errors():
         model.predict(X[:, :3])
 
 
-def test_verbose_passes_progress_to_every_solve(monkeypatch, capsys):
+def test_verbose_passes_progress_to_every_solve(capsys, progress_calls):
     from rfm_fast.models import rfm as rfm_module
 
-    calls = []
-    solve = rfm_module.krr_solve
-
-    def spy(*args, **kwargs):
-        calls.append(kwargs.get("progress"))
-        return solve(*args, **kwargs)
-
-    monkeypatch.setattr(rfm_module, "krr_solve", spy)
+    calls = progress_calls(rfm_module)
     X, y = _regression(4, 120)
     RFM(bandwidth=3.0, iters=2, reg=1e-2).fit(X, y)
     assert calls == [False] * 3

@@ -104,7 +104,7 @@ def _product(geom: Geometry, acc: torch.Tensor, weights: torch.Tensor, coeffs: _
             W = weights[r0:r1, c0:c0 + rhs.shape[0]]
             # P_V straight into the V part (no product buffer), P_alpha (R, c) apart: it is multiplied out at once.
             acc[r0:r1, c:].addmm_(W, rhs[:, c:])
-            p_alpha = torch.mm(W, rhs[:, :c], out=tmp.view(-1)[:R * c].view(R, c))
+            p_alpha = torch.mm(W, rhs[:, :c], out=tmp[:R])
             local = coeffs.coords.z(frame)[rows.start + r0:rows.start + r1]
             acc[r0:r1, c:].view(R, c, re).addcmul_(p_alpha[:, :, None], local[:, None, :], value=-1.0)
 
@@ -124,7 +124,8 @@ def _tile_products(geom: Geometry, acc: torch.Tensor, tile: torch.Tensor, coeffs
 
 def _framed_chunk(geom: Geometry, width: int, item: int, budget: int) -> int:
     """Rows (and columns) of a framed rectangle handled at once: the largest framed component, at most what an
-    eighth of the budget holds for its local coefficients and its product (two (rows, width) buffers)."""
+    eighth of the budget holds for its local coefficients (rows, width) and the alpha part of its product
+    (rows, c)."""
     if geom.framed_span == 0:
         return 0
     return max(1, min(geom.framed_span, budget // (16 * width * item)))
@@ -189,7 +190,7 @@ def _one_sided(geom, alpha, evaluator, budget, scratch_cells, pair_weights):
     coeffs = _Coefficients(geom, alpha, budget)
     width = coeffs.width
     span = _framed_chunk(geom, width, item, budget)
-    plan = plan_tiles(m, n, budget - coeffs.bytes, fixed=2 * span * width * item,
+    plan = plan_tiles(m, n, budget - coeffs.bytes, fixed=span * (width + c) * item,
                       per_row=item * (width + 2 * c * r + k * c),
                       per_col=0 if coeffs.whole or coeffs.coords.width == 0 else width * item,
                       per_cell=item * (1 + scratch_cells + k), device=alpha.device, what="a gradient tile")
@@ -197,7 +198,7 @@ def _one_sided(geom, alpha, evaluator, budget, scratch_cells, pair_weights):
     tile_buf = torch.empty(plan.rows * plan.cols, dtype=dt, device=dev)
     direct_buf = torch.empty(k, plan.rows * plan.cols, dtype=dt, device=dev)
     acc_buf = torch.empty(plan.rows, width, dtype=dt, device=dev)
-    tmp_buf = torch.empty(span, width, dtype=dt, device=dev)
+    tmp_buf = torch.empty(span, c, dtype=dt, device=dev)
     # Transposed (k, c, rows): MKL runs the thin products alpha^T D^T 2-3x faster than D alpha.
     direct_acc_buf = torch.empty(k, c, plan.rows, dtype=dt, device=dev)
     out_buf = torch.empty(plan.rows, c, r, dtype=dt, device=dev)
@@ -235,7 +236,7 @@ def _symmetric_plan(geom, c, item, budget, scratch_cells):
     width = c + c * cw
     whole = cw > 0 and coefficients_whole(geom.n, width, item, budget)
     # A framed rectangle's local coefficients and product: at most the largest framed component's rows.
-    fixed = (geom.n * width * item if whole else 0) + 2 * _framed_chunk(geom, width, item, budget) * width * item
+    fixed = (geom.n * width * item if whole else 0) + _framed_chunk(geom, width, item, budget) * (width + c) * item
     strip = strip_rows(geom.device)
     slices = 0 if whole or cw == 0 else 2 * width
     per_block_row = item * (strip * (scratch_cells + k) + c * r + slices)
@@ -261,7 +262,7 @@ def _symmetric(geom, alpha, evaluator, budget, plan, scratch_cells):
     acc_buf = torch.empty(rows_total, coeffs.width, dtype=dt, device=dev)
     direct_acc_buf = torch.empty(k, c, rows_total, dtype=dt, device=dev)
     out_buf = torch.empty(B, c, r, dtype=dt, device=dev)
-    tmp_buf = torch.empty(_framed_chunk(geom, coeffs.width, alpha.element_size(), budget), coeffs.width, dtype=dt,
+    tmp_buf = torch.empty(_framed_chunk(geom, coeffs.width, alpha.element_size(), budget), c, dtype=dt,
                           device=dev)
 
     for group in plan.groups(len(blocks)):

@@ -84,7 +84,8 @@ def krr_solve(X: Any, Y: Any, *, kernel: str = "laplace", bandwidth: float = 1.0
     Raises:
         ValueError / TypeError for malformed arguments; SingularSystemError (a RuntimeError) when the Cholesky
         factorisation of K + reg I breaks down; ConvergenceError (a RuntimeError, with ``iterations`` and
-        ``residual``) when a solver stops short of ``tol`` (the message says what was reached and what to change); RuntimeError when "pcg" is asked for and not installed.
+        ``residual``) when a solver stops short of ``tol`` (the message says what was reached and what to
+        change); RuntimeError when "pcg" is asked for and not installed.
     """
     if solver not in SOLVERS:
         raise ValueError(f"solver must be one of {SOLVERS}, got {solver!r}")

@@ -28,8 +28,9 @@ from ..core.geometry import reuse
 from ..core.metric import MetricFactor
 from ..ops.api import kernel_mv
 
-# A restart from the true residual must shrink it at least this much, else the solve has stalled.
-_STAGNATION = 0.5
+# A restart (or a refinement step) from the true residual must shrink it at least this much, else the solve has
+# stalled: the products' rounding is the floor.
+STAGNATION = 0.5
 
 
 class ConvergenceError(RuntimeError):
@@ -118,6 +119,18 @@ def _column_norms(t: torch.Tensor, comm: Any) -> torch.Tensor:
     return comm.allsum((t * t).sum(0)).sqrt()
 
 
+def residual_scale(Y: torch.Tensor, comm: Any) -> torch.Tensor:
+    """Per column ||Y_j||, the denominator of the relative residual; 1 for a zero column (its solution is zero and
+    its residual, always 0, must not divide by 0)."""
+    y_norm = _column_norms(Y, comm)
+    return torch.where(y_norm > 0, y_norm, torch.ones_like(y_norm))
+
+
+def relative_residual(r: torch.Tensor, scale: torch.Tensor, comm: Any) -> torch.Tensor:
+    """Per column ||r_j|| / scale_j."""
+    return _column_norms(r, comm) / scale
+
+
 def iterate(apply_A: Callable, apply_exact: Callable, pre: Any, Y: torch.Tensor, comm: Any, *, tol: float,
             max_iter: int, bar: Any = None, what: str = "CG") -> tuple[torch.Tensor, dict]:
     """Preconditioned CG with float64 vectors and true-residual restarts (the module docstring).
@@ -127,15 +140,13 @@ def iterate(apply_A: Callable, apply_exact: Callable, pre: Any, Y: torch.Tensor,
     a breakdown (p^T A p <= 0: not positive definite in the products' dtype), never for non-convergence.
     """
     Y = Y.to(torch.float64)
-    y_norm = _column_norms(Y, comm)
-    # A zero column has the zero solution; dividing its (zero) residual by 1 keeps the test finite.
-    scale = torch.where(y_norm > 0, y_norm, torch.ones_like(y_norm))
+    scale = residual_scale(Y, comm)
     alpha = torch.zeros_like(Y)
     r = Y.clone()
     z = pre.apply(r)
     p = z.clone()
     rz = comm.allsum((r * z).sum(0))
-    res = _column_norms(r, comm) / scale
+    res = relative_residual(r, scale, comm)
     iterations, restarts, worst = 0, 0, float(res.max())
     checked = math.inf
     converged = stalled = False
@@ -143,13 +154,13 @@ def iterate(apply_A: Callable, apply_exact: Callable, pre: Any, Y: torch.Tensor,
         active = res > tol
         if not bool(active.any()) or iterations >= max_iter:
             true_r = Y - apply_exact(alpha)
-            res = _column_norms(true_r, comm) / scale
+            res = relative_residual(true_r, scale, comm)
             previous, worst = checked, float(res.max())
             checked = worst
             if worst <= tol:
                 converged = True
                 break
-            stalled = worst > _STAGNATION * previous
+            stalled = worst > STAGNATION * previous
             if stalled or iterations >= max_iter:
                 break
             restarts += 1
@@ -168,7 +179,7 @@ def iterate(apply_A: Callable, apply_exact: Callable, pre: Any, Y: torch.Tensor,
         step = torch.where(active, rz / torch.where(active, pAp, torch.ones_like(pAp)), torch.zeros_like(rz))
         alpha.add_(p * step)
         r.sub_(Ap * step)
-        res = torch.where(active, _column_norms(r, comm) / scale, res)
+        res = torch.where(active, relative_residual(r, scale, comm), res)
         worst = float(res.max())
         z = pre.apply(r)
         rz_new = comm.allsum((r * z).sum(0))

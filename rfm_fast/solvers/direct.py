@@ -17,11 +17,10 @@ from typing import Any, Optional
 import torch
 
 from ..ops.api import kernel_matrix
-from .cg import ConvergenceError, LocalComm, default_tol, ridge_products
+from .cg import STAGNATION, ConvergenceError, LocalComm, default_tol, relative_residual, residual_scale, ridge_products
 
-# Refinement steps at most; a step that does not halve the residual ends the refinement (rounding is the floor).
+# Refinement steps at most; a step that does not halve the residual (cg.STAGNATION) ends the refinement.
 _MAX_REFINE = 10
-_STAGNATION = 0.5
 
 
 class SingularSystemError(RuntimeError):
@@ -61,22 +60,22 @@ def cholesky_solve(X: torch.Tensor, Y: torch.Tensor, *, kernel: str, bandwidth: 
                 "numerically singular; increase reg or pass dtype=torch.float64")
         return out
 
-    _, apply_exact = ridge_products(X, slice(0, X.shape[0]), LocalComm(), reg, ops)
+    comm = LocalComm()
+    _, apply_exact = ridge_products(X, slice(0, X.shape[0]), comm, reg, ops)
     Y = Y.to(torch.float64)
-    y_norm = Y.norm(dim=0)
-    scale = torch.where(y_norm > 0, y_norm, torch.ones_like(y_norm))
+    scale = residual_scale(Y, comm)
     alpha = solve(Y)
     r = Y - apply_exact(alpha)
-    residual = float((r.norm(dim=0) / scale).max())
+    residual = float(relative_residual(r, scale, comm).max())
     steps = 0
     while residual > tol and steps < _MAX_REFINE:
         candidate = alpha + solve(r)
         r_new = Y - apply_exact(candidate)
-        new = float((r_new.norm(dim=0) / scale).max())
+        new = float(relative_residual(r_new, scale, comm).max())
         if not new < residual:
             break
         alpha, r, steps = candidate, r_new, steps + 1
-        shrunk, residual = new <= _STAGNATION * residual, new
+        shrunk, residual = new <= STAGNATION * residual, new
         if not shrunk:
             break
     if residual > tol:
