@@ -1,0 +1,72 @@
+"""AGOP and mat-vec under the near-rank-1 M an RFM loop learns, against M = I, interleaved in one process.
+
+The learned M is the last of ``bench_rank.learned_metrics`` (y = tanh(3 x.w), Laplace L = 10, reg 1e-3, M <- AGOP /
+max); n = m = 4000, d = 64, c = 10, float32, x = centres. Each round times every (backend, metric, op) once, in
+turn, so slow phases of a shared machine hit all of them; the table gives medians and learned / identity.
+Every call prepares its geometry (inside a solver, ``reuse()`` pays that once).
+
+    python benchmarks/bench_learned_vs_identity.py --rounds 11 --csv benchmarks/results/learned_vs_identity.csv
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import pathlib
+import statistics
+import sys
+import time
+
+import torch
+
+import rfm_fast
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+from bench_rank import BANDWIDTH, learned_metrics  # noqa: E402
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--n", type=int, default=4000)
+    parser.add_argument("--d", type=int, default=64)
+    parser.add_argument("--c", type=int, default=10)
+    parser.add_argument("--rounds", type=int, default=11)
+    parser.add_argument("--csv", default=None, help="also write the rows to this CSV file")
+    args = parser.parse_args()
+    g = torch.Generator().manual_seed(0)
+    X = torch.randn(args.n, args.d, generator=g)
+    alpha = torch.randn(args.n, args.c, generator=g)
+    M = learned_metrics(X, 5)[-1][1]
+    backends = [b for b in ("torch", "cpp") if b in rfm_fast.available_backends("cpu")]
+    calls = {}
+    for b in backends:
+        for name, metric in (("identity", None), ("learned", M)):
+            calls[(b, name, "kernel_mv")] = (lambda b=b, m=metric: rfm_fast.kernel_mv(
+                X, X, alpha, bandwidth=BANDWIDTH, M=m, backend=b))
+            calls[(b, name, "agop")] = (lambda b=b, m=metric: rfm_fast.agop(
+                X, X, alpha, bandwidth=BANDWIDTH, M=m, backend=b))
+    for fn in calls.values():
+        fn()
+    times = {key: [] for key in calls}
+    for _ in range(args.rounds):
+        for key, fn in calls.items():
+            start = time.perf_counter()
+            fn()
+            times[key].append(time.perf_counter() - start)
+    rows = []
+    for b in backends:
+        for op in ("kernel_mv", "agop"):
+            ident = statistics.median(times[(b, "identity", op)])
+            learned = statistics.median(times[(b, "learned", op)])
+            rows.append({"backend": b, "op": op, "identity_s": round(ident, 4), "learned_s": round(learned, 4),
+                         "learned_over_identity": round(learned / ident, 3), "rounds": args.rounds})
+            print(rows[-1], flush=True)
+    if args.csv:
+        with open(args.csv, "w", newline="") as fh:
+            writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
+            writer.writeheader()
+            writer.writerows(rows)
+
+
+if __name__ == "__main__":
+    main()
