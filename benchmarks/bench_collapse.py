@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import csv
 import statistics
 import time
 
@@ -28,6 +27,7 @@ from rfm_fast.core.geometry import Geometry
 from rfm_fast.core.kernels import KernelSpec
 from rfm_fast.core.tiles import pair_counts
 from rfm_fast.data import train_test
+from _results import write_csv  # noqa: E402  (benchmarks/, the scripts' folder)
 
 
 def clusters(n: int = 2000, d: int = 64, k: int = 10, seed: int = 0):
@@ -127,10 +127,7 @@ def main() -> None:
                   f"{last['exact_share']}; without frames: {last['seconds_no_frames']} s, exact share "
                   f"{last['exact_share_no_frames']}")
     if args.csv:
-        with open(args.csv, "w", newline="") as fh:
-            writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
-            writer.writeheader()
-            writer.writerows(rows)
+        write_csv(rows, args.csv)
 
 
 if __name__ == "__main__":

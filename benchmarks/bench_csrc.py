@@ -27,6 +27,7 @@ import torch
 import rfm_fast
 from rfm_fast import _ext
 from rfm_fast.bench import agop_flops, gemm_floor, make_problem
+from _results import write_csv  # noqa: E402  (benchmarks/, the scripts' folder)
 
 BENCH_N, BENCH_D, BENCH_C = 5000, 64, 10
 BANDWIDTH = 10.0
@@ -95,7 +96,6 @@ SWEEP_SHAPES = ((8000, 64, 10), (8000, 16, 1), (4000, 256, 3))
 def sweep(path: str, reps: int = 3) -> None:
     """Median time of cpp and torch, timed in alternation in one process, for kernel_mv, kernel_grad and agop at
     SWEEP_SHAPES (n = m, d, c), float32 and float64, with x = centres and with points 1e-3 away; one CSV row each."""
-    import csv
 
     rows = []
     gen = torch.Generator().manual_seed(0)
@@ -123,10 +123,7 @@ def sweep(path: str, reps: int = 3) -> None:
                                threads=torch.get_num_threads())
                     rows.append(row)
                     print(", ".join(f"{k}={v}" for k, v in row.items()), flush=True)
-    with open(path, "w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
+    write_csv(rows, path)
     print(f"wrote {path}")
 
 

@@ -13,7 +13,6 @@ shared 2-core machine without changing the ratio. rfm_fast/backends/keops.py enc
 from __future__ import annotations
 
 import argparse
-import csv
 import os
 import pathlib
 import statistics
@@ -25,6 +24,7 @@ os.environ.setdefault("KEOPS_CACHE_FOLDER", str(REPO / ".cache" / "keops"))
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+from _results import write_csv  # noqa: E402  (benchmarks/, the scripts' folder)
 
 RESULTS = REPO / "benchmarks" / "results" / "keops_crossover.csv"
 SWEEP_N = (1000, 5000, 20000)
@@ -86,13 +86,6 @@ def sweep(ns, ds, cs, m_cap: int, ops=("kernel_mv", "agop"), log=print) -> list[
                     sys.stdout.flush()
     return rows
 
-
-def write_csv(rows: list[dict], path: pathlib.Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
 
 
 def main(argv=None) -> int:

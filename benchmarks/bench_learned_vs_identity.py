@@ -11,7 +11,6 @@ Every call prepares its geometry (inside a solver, ``reuse()`` pays that once).
 from __future__ import annotations
 
 import argparse
-import csv
 import pathlib
 import statistics
 import sys
@@ -23,6 +22,7 @@ import rfm_fast
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 from bench_rank import BANDWIDTH, learned_metrics  # noqa: E402
+from _results import write_csv  # noqa: E402  (benchmarks/, the scripts' folder)
 
 
 def main() -> None:
@@ -62,10 +62,7 @@ def main() -> None:
                          "learned_over_identity": round(learned / ident, 3), "rounds": args.rounds})
             print(rows[-1], flush=True)
     if args.csv:
-        with open(args.csv, "w", newline="") as fh:
-            writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
-            writer.writeheader()
-            writer.writerows(rows)
+        write_csv(rows, args.csv)
 
 
 if __name__ == "__main__":

@@ -16,7 +16,6 @@ the share of pairs recomputed exactly. Results: benchmarks/results/rank.csv.
 from __future__ import annotations
 
 import argparse
-import csv
 import importlib.util
 import statistics
 import time
@@ -28,6 +27,7 @@ from rfm_fast.core.geometry import Geometry
 from rfm_fast.core.kernels import KernelSpec
 from rfm_fast.core.metric import psd_sqrt
 from rfm_fast.core.tiles import pair_counts
+from _results import write_csv  # noqa: E402  (benchmarks/, the scripts' folder)
 
 BANDWIDTH = 10.0
 
@@ -112,10 +112,7 @@ def main() -> None:
         for it, M in learned_metrics(X, args.iters):
             rows += measure(f"learned, iteration {it}", X, alpha, M, backends, args.reps, xrfm)
     if args.csv:
-        with open(args.csv, "w", newline="") as fh:
-            writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
-            writer.writeheader()
-            writer.writerows(rows)
+        write_csv(rows, args.csv)
 
 
 if __name__ == "__main__":

@@ -17,7 +17,6 @@ tests/test_xrfm_integration.py).
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import math
 import os
@@ -28,6 +27,7 @@ import time
 from typing import Any, Optional
 
 import torch
+from _results import write_csv  # noqa: E402  (benchmarks/, the scripts' folder)
 
 RESULTS = pathlib.Path(__file__).resolve().parent / "results"
 CSV_NAME = "xrfm_fit.csv"
@@ -222,11 +222,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         print(f"{row['mode']:<10} {row['fit_seconds']:>9.2f} {row['peak_extra_mib']:>10.1f} "
               f"{row['val_accuracy']:>8.4f}")
     print(f"speed-up x{speedup:.2f}, peak memory /{memory:.1f}")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    with open(args.out, "w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
+    write_csv(rows, args.out)
     print(f"wrote {args.out}")
     return 0
 
