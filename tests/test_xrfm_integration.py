@@ -293,20 +293,23 @@ def test_xrfm_fit_with_and_without_the_switch(dataset, exponent, bandwidth, diag
     assert rel_fro(P32s, P32) <= 3 * own
 
 
-def _bench_module():
+def _bench_module(monkeypatch):
     import importlib.util
     import pathlib
 
-    path = pathlib.Path(__file__).resolve().parent.parent / "benchmarks" / "bench_xrfm.py"
-    spec = importlib.util.spec_from_file_location("bench_xrfm", path)
+    folder = pathlib.Path(__file__).resolve().parent.parent / "benchmarks"
+    # The scripts import their shared helpers (benchmarks/_results.py) from their own folder, which Python puts on
+    # sys.path only when a script is run directly.
+    monkeypatch.syspath_prepend(str(folder))
+    spec = importlib.util.spec_from_file_location("bench_xrfm", folder / "bench_xrfm.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
 
 
 @pytest.mark.parametrize("kernel", ["laplace", "gaussian"])
-def test_bench_xrfm_agop_is_m_times_the_rfm_fast_mean(kernel):
-    bench = _bench_module()
+def test_bench_xrfm_agop_is_m_times_the_rfm_fast_mean(kernel, monkeypatch):
+    bench = _bench_module(monkeypatch)
     x = _points(90, 7, 15)
     centers = torch.cat([x[:40], _points(30, 7, 16)])
     alpha = _points(70, 3, 17)
