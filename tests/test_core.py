@@ -288,6 +288,37 @@ def test_frames_on_clustered_data_only():
     assert counts["exact"] <= 2 * 1000
 
 
+@pytest.mark.parametrize("backend", [b for b in FAST if b in ("torch", "cpp")])
+@pytest.mark.parametrize("kernel", KERNELS)
+@pytest.mark.parametrize("metric", ["identity", "rank1", "hybrid"])
+def test_self_pairs_are_known_and_other_near_pairs_still_found(backend, kernel, metric):
+    """Evaluation points that are the centres: the self pairs get k(0) = 1 and weight 0 without a near test or an
+    exact recomputation, while a duplicated row (a near pair that is not a self pair) is still found and
+    recomputed. The same rows through the one-sided path (z a strict subset, so not "the same points") agree."""
+    from rfm_fast.core.tiles import pair_counts
+
+    gen = _gen(11)
+    X = torch.randn(700, 9, generator=gen)
+    X[350] = X[20]  # one duplicated pair
+    alpha = torch.randn(700, 2, generator=gen)
+    w = torch.randn(9, 1, generator=gen)
+    M = {"identity": None, "rank1": w @ w.T,
+         "hybrid": w @ w.T + 1e-6 * torch.eye(9)}[metric]
+    pair_counts(reset=True)
+    K = rfm_fast.kernel_matrix(X, X, kernel=kernel, bandwidth=2.0, M=M, backend=backend)
+    counts = pair_counts(reset=True)
+    assert torch.equal(K.diagonal(), torch.ones(700))
+    assert 2 <= counts["exact"] <= 50, counts  # (20, 350) both ways, not the 700 self pairs
+    assert float(K[20, 350]) == 1.0 and float(K[350, 20]) == 1.0
+    for op in ("kernel_mv", "agop"):
+        got = call(op, X, X, alpha, M, kernel, 2.0, backend=backend)
+        ref = reference(op, X.double(), X.double(), alpha.double(), None if M is None else M.double(), kernel, 2.0)
+        assert rel_fro(got, ref) <= REL_FRO[torch.float32], op
+    sub = call("kernel_grad", X[:-1], X, alpha, M, kernel, 2.0, backend=backend)
+    full = call("kernel_grad", X, X, alpha, M, kernel, 2.0, backend=backend)
+    assert rel_fro(full[:-1], sub) <= REL_FRO[torch.float32]
+
+
 def test_budget_too_small_raises_a_clear_error():
     X = torch.randn(50, 2000)
     with pytest.raises(BudgetError, match="memory_budget"):

@@ -171,19 +171,23 @@ class Geometry:
                 kdir = factor.r
             else:
                 factor, kdir = _hybrid(factor, xs, sigma)
-        ue_x = factor.transform(xs, sigma)
-        ue_z = ue_x if same else factor.transform(zs, sigma)
+        ue64_x = ue64_z = None
+        if kdir:
+            # float64 coordinates, rounded once: the direct ones are their first kdir columns (as hi + lo pairs),
+            # and the expansion part of a hybrid split has norms far below the data's offset from the centre,
+            # which a float32 transform of (t - c) would leave as its error.
+            ue64_x, ue64_z = _coords64(z, x, same, centre, factor, sigma)
+            ue_x = ue64_x.to(dtype)
+            ue_z = ue_x if same else ue64_z.to(dtype)
+        else:
+            ue_x = factor.transform(xs, sigma)
+            ue_z = ue_x if same else factor.transform(zs, sigma)
         _check_range(ue_x, "centers")
         if not same:
             _check_range(ue_z, "x")
         wide = allow_wide and dtype == torch.float32 and _wide_needed(ue_x, spec)
-        ue64_x = ue64_z = None
-        if wide or 0 < kdir < factor.r:
-            # float64 coordinates, rounded once: for the float64 distance GEMMs of a wide geometry, and because
-            # the expansion part of a hybrid split has norms far below the data's offset from the centre, which
-            # a float32 transform of (t - c) would leave as its error.
-            ue64_x = factor.transform(x.to(torch.float64) - centre, sigma)
-            ue64_z = ue64_x if same else factor.transform(z.to(torch.float64) - centre, sigma)
+        if wide and ue64_x is None:
+            ue64_x, ue64_z = _coords64(z, x, same, centre, factor, sigma)
             ue_x = ue64_x.to(dtype)
             ue_z = ue_x if same else ue64_z.to(dtype)
         zt = xt = None
@@ -191,7 +195,8 @@ class Geometry:
         rtol_d = spec.direct_rtol(dtype)
         tn_x = tn_z = None
         if kdir:
-            zt, xt = compensated_pair(z, x, same, centre, factor, sigma, dtype, kdir, dedupe=False)
+            xt = _hi_lo(ue64_x[:, :kdir], dtype, ue_x[:, :kdir])
+            zt = xt if same else _hi_lo(ue64_z[:, :kdir], dtype, ue_z[:, :kdir])
             tn_x = (xt[0] * xt[0]).sum(1)
             tn_z = tn_x if same else (zt[0] * zt[0]).sum(1)
         xe = ue_x[:, kdir:].contiguous()
@@ -427,14 +432,27 @@ def compensated_pair(z: torch.Tensor, x: torch.Tensor, same: bool, centre: torch
         wide = head.transform(distinct.to(torch.float64) - centre, sigma)[inverse]
     else:
         wide = head.transform(both.to(torch.float64) - centre, sigma)
-    hi = wide.to(dtype)
-    lo = (wide - hi.to(torch.float64)).to(dtype) if dtype != torch.float64 else None
+    hi, lo = _hi_lo(wide, dtype)
     if same:
         return (hi, lo), (hi, lo)
     m = z.shape[0]
     split = (lambda t: (None, None) if t is None else (t[:m].contiguous(), t[m:].contiguous()))
     (zh, xh), (zl, xl) = split(hi), split(lo)
     return (zh, zl), (xh, xl)
+
+
+def _coords64(z, x, same, centre, factor: MetricFactor, sigma: float) -> tuple:
+    """Scaled coordinates (t - c) F sigma of x and z in float64 (one rounding)."""
+    ue64_x = factor.transform(x.to(torch.float64) - centre, sigma)
+    return ue64_x, (ue64_x if same else factor.transform(z.to(torch.float64) - centre, sigma))
+
+
+def _hi_lo(wide: torch.Tensor, dtype: torch.dtype, hi: Optional[torch.Tensor] = None) -> tuple:
+    """float64 values -> (hi, lo) in ``dtype`` with hi + lo = the value to ~2^-48 (lo None for float64); ``hi``:
+    the values already rounded to ``dtype``, when the caller has them."""
+    hi = (wide.to(dtype) if hi is None else hi).contiguous()
+    lo = (wide - hi.to(torch.float64)).to(dtype) if dtype != torch.float64 else None
+    return hi, lo
 
 
 def _hybrid(factor: MetricFactor, xs: torch.Tensor, sigma: float) -> tuple:

@@ -104,6 +104,7 @@ class TileEvaluator:
         # w * (hi_z - hi_x) in the gradient's difference buffers (``weighted_direct``).
         self.fused_direct = bool(getattr(elementwise, "fuses_direct", False)) and 0 < geom.kdir <= 4
         self.weighted_direct = self.fused_direct
+        self._columns = None  # per direct coordinate: hi_z as a column, hi_x as a row
 
     def _aug(self, cross: bool) -> list:
         """Per frame (z_aug, x_aug^T), built on first use. With ``cross``, the factors also carry the cross term
@@ -141,35 +142,69 @@ class TileEvaluator:
         add (t_z - t_x)^2 each: dhi = hi_z - hi_x is formed directly (one pass) and, for compensated coordinates,
         the cross term 2 dhi dlo rides in the GEMM (its rounding, ~eps^2 |t|^2, and the omitted dlo^2 are covered
         by the direct near threshold). ``direct`` holds buffers of the tile's shape for dhi: kdir of them with
-        ``differences`` (gradient tiles use dhi again: ``rfm_fast.core.gradient``), else one, reused."""
+        ``differences`` (gradient tiles use dhi again: ``rfm_fast.core.gradient``), else one, reused.
+
+        With tile_sign +1 (Laplace) the squares are formed first and the GEMMs accumulate onto them (C += A B in
+        the GEMM's own store), one pass fewer than adding them afterwards; with -1 that would need beta = -1,
+        which BLAS applies as a pass of its own, so the squares are added after the GEMMs."""
         geom = self.geom
-        zl = geom.zt[1] if geom.kdir else None
-        cross = geom.kdir > 0 and zl is not None
-        aug_all = self._aug(cross)
+        sign = self.spec.tile_sign
+        aug_all = self._aug(geom.kdir > 0 and geom.zt[1] is not None)
+        formed = geom.kdir > 0 and not self.fused_direct
+        first = formed and sign > 0
+        if first:
+            self._direct_squares(rows, cols, out, direct, differences, first=True)
         for seg in geom.segments(rows, cols):
             view = out[seg.rows.start - rows.start:seg.rows.stop - rows.start,
                        seg.cols.start - cols.start:seg.cols.stop - cols.start]
             aug = aug_all[seg.frame]
             if aug is None:
-                view.zero_()
-            elif aug[0].dtype != out.dtype:
-                view.copy_(torch.mm(aug[0][seg.rows], aug[1][:, seg.cols]))
+                if not first:
+                    view.zero_()
+            elif aug[0].dtype != out.dtype:  # float64 GEMM of a wide geometry
+                product = torch.mm(aug[0][seg.rows], aug[1][:, seg.cols])
+                view.add_(product) if first else view.copy_(product)
+            elif first:
+                view.addmm_(aug[0][seg.rows], aug[1][:, seg.cols])
             else:
                 torch.mm(aug[0][seg.rows], aug[1][:, seg.cols], out=view)
-        if geom.kdir == 0 or self.fused_direct:
-            return
-        (zh, zl), (xh, xl) = geom.zt, geom.xt
-        sign = self.spec.tile_sign
-        for k in range(geom.kdir):
+        if formed and not first:
+            self._direct_squares(rows, cols, out, direct, differences, first=False)
+
+    def _direct_squares(self, rows, cols, out, direct, differences, first):
+        """(hi_z - hi_x)^2 of every directly formed coordinate: written into ``out`` (``first``) or added with
+        tile_sign; dhi of coordinate k kept in direct[k] with ``differences``."""
+        if self._columns is None:
+            (zh, _), (xh, _) = self.geom.zt, self.geom.xt
+            self._columns = [(zh[:, k, None], xh[:, k].contiguous()[None, :]) for k in range(self.geom.kdir)]
+        value = 1.0 if first else self.spec.tile_sign
+        for k, (zk, xk) in enumerate(self._columns):
+            dz, dx = zk[rows], xk[:, cols]
+            if first and k == 0 and not differences:
+                torch.sub(dz, dx, out=out)
+                out.mul_(out)
+                continue
             D = direct[k if differences else 0] if direct is not None and len(direct) else torch.empty_like(out)
-            torch.sub(zh[rows, k, None], xh[None, cols, k], out=D)
-            out.addcmul_(D, D, value=sign)
+            torch.sub(dz, dx, out=D)
+            if first and k == 0:
+                torch.mul(D, D, out=out)
+            else:
+                out.addcmul_(D, D, value=value)
 
     def evaluate(self, rows: slice, cols: slice, out: torch.Tensor, *, gradient: bool,
                  direct: Optional[list] = None) -> Optional[NearPairs]:
-        """The finished tile (values, or gradient weights with near pairs at 0) in ``out``, and its near pairs."""
+        """The finished tile (values, or gradient weights with near pairs at 0) in ``out``, and its near pairs.
+
+        Self pairs (evaluation points that are the centres) are known: s = 0 exactly. They are set to a far
+        distance before the pass, so that no near test flags them (with every row of a diagonal tile suspect, a
+        row-wise test would otherwise scan the whole tile), and get their known result after it: value k(0) = 1;
+        gradient weight 0 (the zero-distance rule), which the pass already gives at s = inf."""
         self.distances(rows, cols, out, direct, differences=gradient)
         geom = self.geom
+        selfs = None
+        if geom.same and rows.start < cols.stop and cols.start < rows.stop:
+            selfs = out.diagonal(rows.start - cols.start)
+            selfs.fill_(self.spec.tile_sign * float("inf"))
         found = []
         for seg in geom.segments(rows, cols):
             r0, c0 = seg.rows.start - rows.start, seg.cols.start - cols.start
@@ -185,6 +220,8 @@ class TileEvaluator:
                 idx = self.elementwise(view, frame.bz[seg.rows], frame.bx[seg.cols], self.spec, gradient)
             if idx.numel():
                 found.append(idx + torch.tensor([r0, c0], device=idx.device))
+        if selfs is not None and not gradient:
+            selfs.fill_(1.0)
         return self.finish_near(rows, cols, out, found, gradient)
 
     def finish_near(self, rows: slice, cols: slice, out: torch.Tensor, found: list,
