@@ -176,9 +176,7 @@ class Geometry:
             # float64 coordinates, rounded once: the direct ones are their first kdir columns (as hi + lo pairs),
             # and the expansion part of a hybrid split has norms far below the data's offset from the centre,
             # which a float32 transform of (t - c) would leave as its error.
-            ue64_x, ue64_z = _coords64(z, x, same, centre, factor, sigma)
-            ue_x = ue64_x.to(dtype)
-            ue_z = ue_x if same else ue64_z.to(dtype)
+            ue64_x, ue64_z, ue_x, ue_z = _coords64(z, x, same, centre, factor, sigma, dtype)
         else:
             ue_x = factor.transform(xs, sigma)
             ue_z = ue_x if same else factor.transform(zs, sigma)
@@ -186,10 +184,8 @@ class Geometry:
         if not same:
             _check_range(ue_z, "x")
         wide = allow_wide and dtype == torch.float32 and _wide_needed(ue_x, spec)
-        if wide and ue64_x is None:
-            ue64_x, ue64_z = _coords64(z, x, same, centre, factor, sigma)
-            ue_x = ue64_x.to(dtype)
-            ue_z = ue_x if same else ue64_z.to(dtype)
+        if wide and ue64_x is None:  # float64 coordinates for the float64 distance GEMMs
+            ue64_x, ue64_z, ue_x, ue_z = _coords64(z, x, same, centre, factor, sigma, dtype)
         zt = xt = None
         rtol_e = spec.near_rtol(dtype, precision)
         rtol_d = spec.direct_rtol(dtype)
@@ -413,25 +409,23 @@ def _check_range(u: torch.Tensor, name: str) -> None:
 
 
 def compensated_pair(z: torch.Tensor, x: torch.Tensor, same: bool, centre: torch.Tensor, factor: MetricFactor,
-                     sigma: float, dtype: torch.dtype, k: Optional[int] = None, dedupe: bool = True) -> tuple:
-    """Scaled coordinates ((t - c) F sigma, the first ``k`` of them, default all) of z and x in float64, returned
-    as (hi, lo) pairs in ``dtype`` (lo None for float64) whose sum carries the float64 value to ~2^-48: their
-    differences (hi_z - hi_x) + (lo_z - lo_x) keep near pairs' digits.
+                     sigma: float, dtype: torch.dtype) -> tuple:
+    """Scaled coordinates (t - c) F sigma of z and x in float64, returned as (hi, lo) pairs in ``dtype`` (lo None
+    for float64) whose sum carries the float64 value to ~2^-48: their differences (hi_z - hi_x) + (lo_z - lo_x)
+    keep near pairs' digits. For KeOps, which forms every distance this way and has no near-pair recheck.
 
     Equal rows of z and x map to bit-equal coordinates: a GEMM does not promise one summation order for all its
     rows (measured: MKL on an AMD EPYC gave equal float64 rows of one product different last bits, at d = 17),
-    so the distinct rows are transformed once (torch.unique) and gathered back. That is for consumers without a
-    near-pair recheck (KeOps); the core's tiles pass ``dedupe=False`` (a sort of the rows costs more than the rest
-    of a mat-vec's preparation): two equal rows whose coordinates differ in the last float64 bits give a direct
-    s of at most ~2^-48 |t|^2 or below zero, inside the direct near threshold, and are recomputed exactly."""
-    head = factor if k is None or k == factor.r else MetricFactor("dense", factor.d, k,
-                                                                  dense=factor.as_dense(z.device)[:, :k])
+    so the distinct rows are transformed once (torch.unique) and gathered back. The core's own direct coordinates
+    (``Geometry``) skip that sort, which costs more than the rest of a mat-vec's preparation: two equal rows whose
+    coordinates differ in the last float64 bits give a direct s of at most ~2^-48 |t|^2 or below zero, inside the
+    direct near threshold, and are recomputed exactly."""
     both = x if same else torch.cat([z, x])
-    if head.kind == "dense" and dedupe:
+    if factor.kind == "dense":
         distinct, inverse = torch.unique(both, dim=0, return_inverse=True)
-        wide = head.transform(distinct.to(torch.float64) - centre, sigma)[inverse]
+        wide = factor.transform(distinct.to(torch.float64) - centre, sigma)[inverse]
     else:
-        wide = head.transform(both.to(torch.float64) - centre, sigma)
+        wide = factor.transform(both.to(torch.float64) - centre, sigma)
     hi, lo = _hi_lo(wide, dtype)
     if same:
         return (hi, lo), (hi, lo)
@@ -441,10 +435,13 @@ def compensated_pair(z: torch.Tensor, x: torch.Tensor, same: bool, centre: torch
     return (zh, zl), (xh, xl)
 
 
-def _coords64(z, x, same, centre, factor: MetricFactor, sigma: float) -> tuple:
-    """Scaled coordinates (t - c) F sigma of x and z in float64 (one rounding)."""
+def _coords64(z, x, same, centre, factor: MetricFactor, sigma: float, dtype: torch.dtype) -> tuple:
+    """(ue64_x, ue64_z, ue_x, ue_z): the scaled coordinates (t - c) F sigma of x and z in float64 (one rounding),
+    and those rounded to ``dtype``."""
     ue64_x = factor.transform(x.to(torch.float64) - centre, sigma)
-    return ue64_x, (ue64_x if same else factor.transform(z.to(torch.float64) - centre, sigma))
+    ue64_z = ue64_x if same else factor.transform(z.to(torch.float64) - centre, sigma)
+    ue_x = ue64_x.to(dtype)
+    return ue64_x, ue64_z, ue_x, (ue_x if same else ue64_z.to(dtype))
 
 
 def _hi_lo(wide: torch.Tensor, dtype: torch.dtype, hi: Optional[torch.Tensor] = None) -> tuple:

@@ -163,7 +163,10 @@ class TileEvaluator:
                     view.zero_()
             elif aug[0].dtype != out.dtype:  # float64 GEMM of a wide geometry
                 product = torch.mm(aug[0][seg.rows], aug[1][:, seg.cols])
-                view.add_(product) if first else view.copy_(product)
+                if first:
+                    view.add_(product)
+                else:
+                    view.copy_(product)
             elif first:
                 view.addmm_(aug[0][seg.rows], aug[1][:, seg.cols])
             else:
