@@ -49,6 +49,8 @@ LLOYD_STEPS = 2
 SPLIT_GAIN = 0.25
 # The search runs on the centres' SKETCH_DIM leading principal coordinates when r is larger than twice that.
 SKETCH_DIM = 32
+# ... found from the subspace of SKETCH_ROWS evenly spaced centres (the sketch itself covers all of them).
+SKETCH_ROWS = 512
 
 
 @dataclass
@@ -118,20 +120,22 @@ def _principal(P: torch.Tensor) -> Optional[torch.Tensor]:
     return v
 
 
-def _sketch(u: torch.Tensor):
+def _sketch(u: torch.Tensor, sq: torch.Tensor):
     """(S, rho, Q): the coordinates S = u Q (n, q) of u in its q = SKETCH_DIM leading principal directions Q (r, q)
-    (two steps of randomized subspace iteration, fixed seed), and rho (n,), each point's norm outside them; or
-    (u, 0, None) when r <= 2 q. Projections on a unit w of the sketch are projections of u on the unit Q w, so a gap
-    seen in the sketch is a gap of the data; only distances need rho (see ``Components``)."""
+    (two steps of randomized subspace iteration on SKETCH_ROWS evenly spaced points, fixed seed), and rho (n,),
+    each point's norm outside them (``sq``: the squared norms of u); or (u, 0, None) when r <= 2 q. Projections on
+    a unit w of the sketch are projections of u on the unit Q w, so a gap seen in the sketch is a gap of the data;
+    only distances need rho (see ``Components``). A direction the sample misses only leaves splits unfound."""
     n, r = u.shape
     if r <= 2 * SKETCH_DIM:
         return u, torch.zeros(n, dtype=u.dtype, device=u.device), None
     gen = torch.Generator(device="cpu").manual_seed(0)
     Q = torch.randn(r, SKETCH_DIM, generator=gen, dtype=u.dtype).to(u.device)
+    sample = u if n <= SKETCH_ROWS else u[torch.linspace(0, n - 1, SKETCH_ROWS, device=u.device).long()]
     for _ in range(2):
-        Q, _ = torch.linalg.qr(u.T @ (u @ Q))
+        Q, _ = torch.linalg.qr(sample.T @ (sample @ Q))
     S = u @ Q
-    rho = ((u * u).sum(1) - (S * S).sum(1)).clamp_min(0).sqrt()
+    rho = (sq - (S * S).sum(1)).clamp_min(0).sqrt()
     return S.contiguous(), rho, Q
 
 
@@ -176,13 +180,14 @@ class Components:
 
     def __init__(self, u: torch.Tensor, near_rtol: float):
         n = u.shape[0]
-        S, rho, Q = _sketch(u)
         full_sq = (u * u).sum(1)
+        S, rho, Q = _sketch(u, full_sq)
         self.root = _Node(torch.arange(n, device=u.device))
-        leaves, stack = [], [self.root]
+        leaves, stack, tight_leaves = [], [self.root], []
         while stack:
             node = stack.pop()
             split = None
+            tight = False
             if node.index.numel() >= 2 * MIN_FRAMED and len(leaves) + len(stack) + 1 < MAX_COMPONENTS:
                 whole = node.index.numel() == n
                 P = S if whole else S[node.index]
@@ -190,11 +195,16 @@ class Components:
                 mean = P.mean(0)
                 inside = ((P * P).sum(1) - 2.0 * (P @ mean) + (mean * mean).sum()).clamp_min(0)
                 radius = float((inside.sqrt() + out + out.mean()).max())
-                mean_sq = float((full_sq if whole else full_sq[node.index]).mean())
-                split = _split(P, gap_threshold(near_rtol, radius), near_rtol, mean_sq)
+                sq = full_sq if whole else full_sq[node.index]
+                # Every pair of a tight node fails the global near test (s <= (2 radius)^2 <= near_rtol
+                # (||u_z||^2 + ||u_x||^2)): a split would only send its cross pairs to the exact path.
+                tight = 4.0 * radius * radius <= 2.0 * near_rtol * float(sq.min())
+                if not tight:
+                    split = _split(P, gap_threshold(near_rtol, radius), near_rtol, float(sq.mean()))
             if split is None:
                 node.label = len(leaves)
                 leaves.append(node)
+                tight_leaves.append(tight)
                 continue
             node.direction, node.threshold, left = split
             if Q is not None:
@@ -202,6 +212,8 @@ class Components:
             node.children = (_Node(node.index[left]), _Node(node.index[~left]))
             stack.extend(node.children[::-1])
         self.count = len(leaves)
+        # (count,) bool: the leaves found tight (every pair of one fails the global near test).
+        self.tight = torch.tensor(tight_leaves, dtype=torch.bool, device=u.device)
         self.labels = torch.empty(n, dtype=torch.long, device=u.device)
         for leaf in leaves:
             self.labels[leaf.index] = leaf.label
@@ -301,9 +313,12 @@ def worth_searching(u: torch.Tensor, near_rtol: float) -> bool:
     return float(flagged.sum()) / max(1, int(off.sum())) >= FRAME_SHARE / 8
 
 
-def framed_components(u: torch.Tensor, labels: torch.Tensor, count: int, near_rtol: float) -> torch.Tensor:
+def framed_components(u: torch.Tensor, labels: torch.Tensor, count: int, near_rtol: float,
+                      tight: Optional[torch.Tensor] = None) -> torch.Tensor:
     """(count,) bool: the components that get a frame (see FRAME_GAIN), from per-component means of the squared
-    norms about the global and the own centre, and FRAME_SAMPLE random pairs of each component (fixed seed)."""
+    norms about the global and the own centre, and FRAME_SAMPLE random pairs of each component (fixed seed).
+    ``tight`` (count,) bool: components known to fail the global near test for every pair
+    (``Components.tight``), which need no sample."""
     device = u.device
     sizes = torch.bincount(labels, minlength=count)
     weight = 1.0 / sizes.clamp_min(1).to(u.dtype)
@@ -313,6 +328,8 @@ def framed_components(u: torch.Tensor, labels: torch.Tensor, count: int, near_rt
     local_norm = (global_norm - (means * means).sum(1)).clamp_min(0)  # mean of |u - mean|^2, to rounding
     candidate = (sizes >= MIN_FRAMED) & (local_norm <= FRAME_GAIN * global_norm)
     framed = candidate & (near_rtol * 2.0 * global_norm >= NORM_LIMIT)
+    if tight is not None:
+        framed |= candidate & tight
     rest = torch.nonzero(candidate & ~framed).flatten()
     if rest.numel() == 0:
         return framed

@@ -224,56 +224,73 @@ class Geometry:
         labels_x = comps.labels
         K = comps.count
         counts = torch.bincount(labels_x, minlength=K)
-        framed = framed_components(ue_x, labels_x, K, rtol_e)
+        framed = framed_components(ue_x, labels_x, K, rtol_e, comps.tight)
         if not bool(framed.any()):
             return
         labels_z = labels_x if self.same else comps.assign(ue_z)
         perm_x = torch.sort(labels_x, stable=True).indices
         perm_z = perm_x if self.same else torch.sort(labels_z, stable=True).indices
         lx, lz = labels_x[perm_x], labels_z[perm_z]
+        runs_x = ranges(lx)
+        runs_z = runs_x if self.same else ranges(lz)
         # Component centres in the original coordinates, so local coordinates are formed from small differences.
         x64 = self.x.to(torch.float64)
         origin = torch.zeros(K, self.d, dtype=torch.float64, device=ue_x.device).index_add_(0, labels_x, x64)
         origin = (origin / counts.clamp_min(1)[:, None]).to(self.dtype)
-        keep = framed[:, None]
-        x, z = self.x[perm_x], self.x[perm_x] if self.same else self.z[perm_z]
+        x = self.x[perm_x]
+        z = x if self.same else self.z[perm_z]
         sigma = self.spec.coord_scale
         work = torch.float64 if exact64 else self.dtype
-        local_x = self.factor.transform(x.to(work) - origin[lx].to(work), sigma)
-        local_z = local_x if self.same else self.factor.transform(z.to(work) - origin[lz].to(work), sigma)
         glob = self.frames[0]
         k = self.kdir
+        framed_list = framed.tolist()
 
-        def mixed(local, labels, perm, glob_e, glob_e64):
-            own = local[:, k:]
-            chosen = torch.where(keep[labels], own.to(self.dtype), glob_e[perm]).contiguous()
-            wide = None if glob_e64 is None else torch.where(keep[labels], own, glob_e64[perm]).contiguous()
+        def local(points, runs, glob_e, glob_e64):
+            """Expansion coordinates about each framed component's centre (rows of the other components keep
+            the global ones), component by component: the points are sorted by component."""
+            chosen = torch.empty_like(glob_e)
+            wide = None if glob_e64 is None else torch.empty_like(glob_e64)
+            for start, stop, comp in runs:
+                if framed_list[comp]:
+                    own = self.factor.transform(points[start:stop].to(work) - origin[comp].to(work), sigma)[:, k:]
+                    chosen[start:stop] = own
+                    if wide is not None:
+                        wide[start:stop] = own
+                else:
+                    chosen[start:stop] = glob_e[start:stop]
+                    if wide is not None:
+                        wide[start:stop] = glob_e64[start:stop]
             return chosen, wide
 
-        le_x, le64_x = mixed(local_x, lx, perm_x, glob.xe, glob.xe64)
+        def permuted(frame, pz, px):
+            """The global frame in the permuted orders."""
+            pick = (lambda t, p: None if t is None else t[p].contiguous())
+            xe, xn, bx, xe64 = (pick(t, px) for t in (frame.xe, frame.xn, frame.bx, frame.xe64))
+            if self.same:
+                return Frame(xe, xe, xn, xn, bx, bx, xe64, xe64)
+            return Frame(pick(frame.ze, pz), xe, pick(frame.zn, pz), xn, pick(frame.bz, pz), bx,
+                         pick(frame.ze64, pz), xe64)
+
+        ordered = permuted(glob, perm_z, perm_x)
+        le_x, le64_x = local(x, runs_x, ordered.xe, ordered.xe64)
         if self.same:
             le_z, le64_z = le_x, le64_x
         else:
-            le_z, le64_z = mixed(local_z, lz, perm_z, glob.ze, glob.ze64)
-        ge_x, ge_z = glob.xe[perm_x], glob.xe[perm_x] if self.same else glob.ze[perm_z]
-        ge64_x = None if glob.xe64 is None else glob.xe64[perm_x]
-        ge64_z = ge64_x if self.same or glob.ze64 is None else glob.ze64[perm_z]
+            le_z, le64_z = local(z, runs_z, ordered.ze, ordered.ze64)
         tn_x = tn_z = None
         if k:
             self.xt = tuple(None if t is None else t[perm_x].contiguous() for t in self.xt)
             self.zt = self.xt if self.same else tuple(None if t is None else t[perm_z].contiguous() for t in self.zt)
             tn_x = (self.xt[0] * self.xt[0]).sum(1)
             tn_z = tn_x if self.same else (self.zt[0] * self.zt[0]).sum(1)
-        self.frames = [_frame(ge_z.contiguous(), ge_x.contiguous(), self.same, frame_rtol, rtol_d, tn_z, tn_x, ge64_z,
-                              ge64_x),
-                       _frame(le_z, le_x, self.same, frame_rtol, rtol_d, tn_z, tn_x, le64_z, le64_x)]
+        self.frames = [ordered, _frame(le_z, le_x, self.same, frame_rtol, rtol_d, tn_z, tn_x, le64_z, le64_x)]
         self.x, self.z = x.contiguous(), x.contiguous() if self.same else z.contiguous()
         if self.same:
             self.z = self.x
         self.perm_x, self.perm_z = perm_x, perm_z
         self.labels_z = lz
         framed_ids = frozenset(torch.nonzero(framed).flatten().tolist())
-        self.layout = Layout(ranges(lz), {c: (a, b) for a, b, c in ranges(lx)}, framed_ids)
+        self.layout = Layout(runs_z, {c: (a, b) for a, b, c in runs_x}, framed_ids)
 
     # ---- pairs and frames -------------------------------------------------------------------------------
     @property

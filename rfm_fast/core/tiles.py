@@ -107,8 +107,9 @@ class TileEvaluator:
         self._columns = None  # per direct coordinate: hi_z as a column, hi_x as a row
 
     def _aug(self, cross: bool) -> list:
-        """Per frame (z_aug, x_aug^T), built on first use. With ``cross``, the factors also carry the cross term
-        2 dhi dlo of the directly formed coordinates (see ``distances``)."""
+        """Per frame (z_aug, x_aug), both row-major (the GEMM takes x_aug's rows transposed, with no copy), built
+        on first use. With ``cross``, the factors also carry the cross term 2 dhi dlo of the directly formed
+        coordinates (see ``distances``)."""
         if cross not in self._augmented:
             geom, sign = self.geom, self.spec.tile_sign
             built = []
@@ -118,21 +119,31 @@ class TileEvaluator:
                     zn, xn = (ze * ze).sum(1), (xe * xe).sum(1)
                 else:
                     ze, xe, zn, xn = frame.ze, frame.xe, frame.zn, frame.xn
-                zcols, xcols = [ze], [-2.0 * xe]
+                zcols, xcols = [ze], [(xe, -2.0)]
                 if cross:
                     (zh, zl), (xh, xl) = (tuple(t.to(ze.dtype) for t in pair) for pair in (geom.zt, geom.xt))
                     # 2 dhi dlo = 2 hi_z lo_z + 2 hi_x lo_x - 2 hi_z lo_x - 2 lo_z hi_x
                     zn = zn + 2.0 * (zh * zl).sum(1)
                     xn = xn + 2.0 * (xh * xl).sum(1)
                     zcols += [zh, zl]
-                    xcols += [-2.0 * xl, -2.0 * xh]
-                if zcols[0].shape[1] == 0 and len(zcols) == 1:
+                    xcols += [(xl, -2.0), (xh, -2.0)]
+                width = sum(t.shape[1] for t in zcols)
+                if width == 0 and len(zcols) == 1:
                     built.append(None)
                     continue
-                ones_x = torch.ones_like(xn)[:, None]
-                x_aug_t = torch.cat([sign * t for t in xcols] + [sign * ones_x, (sign * xn)[:, None]], 1).T
-                z_aug = torch.cat(zcols + [zn[:, None], torch.ones_like(zn)[:, None]], 1)
-                built.append((z_aug.contiguous(), x_aug_t.contiguous()))
+                z_aug = torch.empty(ze.shape[0], width + 2, dtype=ze.dtype, device=ze.device)
+                x_aug = torch.empty(xe.shape[0], width + 2, dtype=xe.dtype, device=xe.device)
+                start = 0
+                for zt, (xt, scale) in zip(zcols, xcols):
+                    stop = start + zt.shape[1]
+                    z_aug[:, start:stop] = zt
+                    torch.mul(xt, sign * scale, out=x_aug[:, start:stop])
+                    start = stop
+                z_aug[:, width] = zn
+                z_aug[:, width + 1] = 1.0
+                x_aug[:, width] = sign
+                torch.mul(xn, sign, out=x_aug[:, width + 1])
+                built.append((z_aug, x_aug))
             self._augmented[cross] = built
         return self._augmented[cross]
 
@@ -162,15 +173,15 @@ class TileEvaluator:
                 if not first:
                     view.zero_()
             elif aug[0].dtype != out.dtype:  # float64 GEMM of a wide geometry
-                product = torch.mm(aug[0][seg.rows], aug[1][:, seg.cols])
+                product = torch.mm(aug[0][seg.rows], aug[1][seg.cols].T)
                 if first:
                     view.add_(product)
                 else:
                     view.copy_(product)
             elif first:
-                view.addmm_(aug[0][seg.rows], aug[1][:, seg.cols])
+                view.addmm_(aug[0][seg.rows], aug[1][seg.cols].T)
             else:
-                torch.mm(aug[0][seg.rows], aug[1][:, seg.cols], out=view)
+                torch.mm(aug[0][seg.rows], aug[1][seg.cols].T, out=view)
         if formed and not first:
             self._direct_squares(rows, cols, out, direct, differences, first=False)
 
