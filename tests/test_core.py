@@ -375,6 +375,30 @@ def test_frames_found_on_a_sketch_of_wide_features(backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+def test_products_across_framed_and_unframed_components(backend):
+    """The gradient products run in mixed coordinates (framed components about their own centres, the rest about
+    the global one) with the offsets added back per bucket: four tight clusters (framed) around a wide cloud
+    (not framed), far from the origin, so that a wrong or rounded offset shows; gradients of evaluation points
+    that are not the centres, the symmetric AGOP and the centred one, within the float32 tolerance."""
+    gen = _gen(13)
+    d = 20
+    v = torch.randn(2, d, generator=gen, dtype=torch.float64)
+    v = 0.5 * v / v.norm(dim=1, keepdim=True)
+    centres = torch.cat([v, -v])
+    tight = centres[torch.arange(320) % 4] + 1e-3 * torch.randn(320, d, generator=gen, dtype=torch.float64)
+    wide = 0.03 * torch.randn(160, d, generator=gen, dtype=torch.float64)
+    # 1e3 from the origin: the global centre rounded to float32 is 6e-5 off, visible in the offsets if ignored.
+    X = (torch.cat([tight, wide]) + 1e3)[torch.randperm(480, generator=gen)]
+    Z = X[::3] + 1e-4 * torch.randn(160, d, generator=gen, dtype=torch.float64)
+    alpha = torch.randn(480, 3, generator=gen, dtype=torch.float64)
+    geom = Geometry.build(X.float(), X.float(), None, KernelSpec("laplace", 0.5))
+    assert geom.layout is not None and 0 < len(geom.layout.framed) < len(geom.layout.x_ranges)
+    for op, zs, kw in (("kernel_grad", Z, {}), ("agop", X, {}), ("agop", Z, {}), ("agop", X, {"centered": True})):
+        _check(op, zs, X, alpha, None, "laplace", 0.5, backend, **kw)
+    _check("agop", X, X, alpha, None, "gaussian", 0.5, backend)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("op", OPS)
 def test_metric_given_by_its_factor(backend, op):
     """M_factor=S is M = S S^T on every backend, for thin, square, wide and rank-deficient factors."""

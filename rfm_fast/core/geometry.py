@@ -129,6 +129,8 @@ class Geometry:
         self.perm_z, self.perm_x = perm_z, perm_x  # permuted position -> caller's index (None: identity)
         self.layout, self.labels_z = layout, labels_z  # components (frames.Layout) and z's sorted labels
         self.wide = False  # distance GEMMs in float64 (``WIDE_ERROR``)
+        self.bucket_of, self.frame_offsets = None, None  # with frames: component -> bucket, (buckets, re)
+        self._x_runs = None
         self.dtype, self.device = z.dtype, z.device
         self.m, self.n, self.d = z.shape[0], x.shape[0], z.shape[1]
         self.r = factor.r
@@ -204,16 +206,19 @@ class Geometry:
         geom = cls(spec, factor, z, x, same, [frame], zt, xt, kdir, None, None)
         geom.wide = wide
         if allow_frames and x.shape[0] >= 2 * MIN_FRAMED and factor.r > DIRECT_MAX_R and ue_x.numel():
-            geom._add_frames(ue_x, ue_z, spec.near_rtol(dtype, precision), rtol_d, ue64_x is not None, rtol_e)
+            # The centre the global coordinates were taken about: float64 for float64-formed ones, else rounded.
+            used = centre if ue64_x is not None else centre_w.to(torch.float64)
+            geom._add_frames(ue_x, ue_z, spec.near_rtol(dtype, precision), rtol_d, ue64_x is not None, rtol_e,
+                             used)
         return geom
 
     def _add_frames(self, ue_x: torch.Tensor, ue_z: torch.Tensor, rtol_e: float, rtol_d: float, exact64: bool,
-                    frame_rtol: float) -> None:
+                    frame_rtol: float, centre: torch.Tensor) -> None:
         """Find the gap-certified components of the centres (``rfm_fast.core.frames``); when some get a frame,
         order the points by component and add the frame of coordinates about each component's centre.
         ``rtol_e`` is the near threshold of the working dtype (which decides whether frames help); ``frame_rtol``
         the one the frames' bounds use (float64's for a wide geometry); ``exact64``: form the local coordinates in
-        float64 too."""
+        float64 too; ``centre`` (1, d, float64): the global frame's centre."""
         # The near test sees only the expansion's coordinates (the directly formed ones do not cancel), so only
         # they can make frames worth their cost.
         if not worth_searching(ue_x[:, self.kdir:], rtol_e):
@@ -291,6 +296,18 @@ class Geometry:
         self.labels_z = lz
         framed_ids = frozenset(torch.nonzero(framed).flatten().tolist())
         self.layout = Layout(runs_z, {c: (a, b) for a, b, c in runs_x}, framed_ids)
+        # Offsets of the mixed frame (frame 1) from the global one, per bucket (each framed component its own,
+        # the other components together, offset 0): u_global = u_mixed + offset (``rfm_fast.core.gradient``).
+        ids = sorted(framed_ids)
+        self.bucket_of = [len(ids)] * K
+        for b, comp in enumerate(ids):
+            self.bucket_of[comp] = b
+        buckets = len(ids) + (1 if len(ids) < K else 0)
+        offsets = torch.zeros(buckets, self.re, dtype=self.dtype, device=ue_x.device)
+        if ids:
+            chosen = torch.tensor(ids, device=ue_x.device)
+            offsets[:len(ids)] = self.factor.transform(origin[chosen].to(torch.float64) - centre, sigma)[:, k:]
+        self.frame_offsets = offsets
 
     # ---- pairs and frames -------------------------------------------------------------------------------
     @property
@@ -305,20 +322,34 @@ class Geometry:
             return [Segment(rows, cols, 0)]
         return self.layout.segments(rows, cols, Segment)
 
-    @property
-    def framed_span(self) -> int:
-        """Points of the largest framed component (0 without frames): the most rows or columns one framed
-        rectangle can have, what the schedules reserve for a rectangle's local coefficients and product."""
+    def bucket_runs(self, span: slice, of_z: bool) -> list:
+        """(start, stop, bucket) runs of the rows (``of_z``) or columns ``span`` (absolute, permuted order), with
+        consecutive runs of one bucket merged; [] without frames."""
         if self.layout is None:
-            return 0
-        return max((b - a for comp, (a, b) in self.layout.x_ranges.items() if comp in self.layout.framed),
-                   default=0)
+            return []
+        if of_z:
+            runs = self.layout.z_ranges
+        else:
+            if self._x_runs is None:
+                self._x_runs = sorted((a, b, comp) for comp, (a, b) in self.layout.x_ranges.items())
+            runs = self._x_runs
+        out = []
+        for a, b, comp in runs:
+            a, b = max(a, span.start), min(b, span.stop)
+            if a >= b:
+                continue
+            bucket = self.bucket_of[comp]
+            if out and out[-1][2] == bucket and out[-1][1] == a:
+                out[-1] = (out[-1][0], b, bucket)
+            else:
+                out.append((a, b, bucket))
+        return out
 
     def blocks(self, block: int) -> list:
         """Square blocks of at most ``block`` points for the symmetric schedule. With frames, blocks end at component
         boundaries where they can (consecutive components packed greedily; a component longer than a block
-        split into full blocks), so that a pair of different blocks holds no framed rectangle and runs as one
-        GEMM: only blocks paired with themselves (or with another piece of the same component) are split."""
+        split into full blocks), so that the distances of a pair of different blocks come from one GEMM: only
+        blocks paired with themselves (or with another piece of the same component) are split into rectangles."""
         n = self.n
         if self.layout is None:
             return [slice(s, min(n, s + block)) for s in range(0, n, block)]
@@ -366,6 +397,7 @@ class Geometry:
         sub = Geometry(self.spec, self.factor, self.z[idx], self.x, False, frames, zt, self.xt, self.kdir, None,
                        self.perm_x, layout, labels)
         sub.wide = self.wide
+        sub.bucket_of, sub.frame_offsets = self.bucket_of, self.frame_offsets
         return sub
 
     # ---- back to the input coordinates ------------------------------------------------------------------

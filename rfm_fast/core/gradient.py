@@ -9,6 +9,14 @@ In scaled coordinates, with W the tile of gradient weights w_ji and, per frame, 
 and J = gamma G~ F^T (``Geometry.gradient_to_input``). Nothing of size m x n outlives a tile; V is built once when
 it fits in half the budget, else per tile.
 
+Centring frames (``rfm_fast.core.frames``): the weights of a tile come from distances evaluated per rectangle in
+its frame, but the products run once per tile, in the *mixed* coordinates u' (each framed component's points about
+its own centre, the other points about the global one; u = u' + delta_b, b the point's bucket). Within a bucket the
+offsets cancel exactly, so pairs of one tight component keep their small local differences; across buckets the
+missing offsets are added from per-bucket sums P_j[b] = sum_{i in b} w_ji alpha_i,
+    G~_j += sum_b P_j[b] (x) (delta_b(j) - delta_b)          (the own bucket's term is exactly 0),
+one batched product per run of rows at the finish (``_finish``).
+
 Schedules: ``one-sided`` (row blocks against column blocks) and ``symmetric`` (evaluation points equal to the
 centres: each tile between two blocks is computed once and applied to both, halving the distance GEMMs and the
 elementwise passes; ``rfm_fast.core.plan.SymmetricPlan``).
@@ -37,36 +45,35 @@ def stacked_coefficients(alpha: torch.Tensor, ue: torch.Tensor) -> torch.Tensor:
 
 
 class _Coords:
-    """Per frame, the coordinates the weight GEMM's V = alpha (x) coords carries: the expansion coordinates, and
-    for compensated direct coordinates their low parts too, so the direct part of G~ is
+    """The coordinates the weight GEMM's V = alpha (x) coords carries: the expansion coordinates of the product
+    frame (the mixed frame 1 when the geometry has frames, else the global frame 0), and for compensated direct
+    coordinates their low parts too, so the direct part of G~ is
         ((W o dhi) alpha)_j + (W alpha)_j (x) lo_z,j - (W (alpha (x) lo_x))_j
     with dhi = hi_z - hi_x formed directly (one pass) and the lo terms, ~eps |t| small, in the GEMM (their
     expansion's cancellation is ~eps^2 |t|)."""
 
     def __init__(self, geom: Geometry):
         self.geom = geom
+        self.frame = geom.frames[1 if geom.layout is not None else 0]
         self.lo = geom.kdir > 0 and geom.zt[1] is not None
         self.k = geom.kdir if self.lo else 0
         self.width = geom.re + self.k
-        self._z, self._x = {}, {}
+        self._z = self._x = None
 
-    def z(self, frame: int) -> torch.Tensor:
-        if frame not in self._z:
-            f = self.geom.frames[frame]
-            self._z[frame] = torch.cat([f.ze, self.geom.zt[1]], 1) if self.lo else f.ze
-        return self._z[frame]
+    def z(self) -> torch.Tensor:
+        if self._z is None:
+            self._z = torch.cat([self.frame.ze, self.geom.zt[1]], 1) if self.lo else self.frame.ze
+        return self._z
 
-    def x(self, frame: int) -> torch.Tensor:
-        if frame not in self._x:
-            f = self.geom.frames[frame]
-            self._x[frame] = torch.cat([f.xe, self.geom.xt[1]], 1) if self.lo else f.xe
-        return self._x[frame]
+    def x(self) -> torch.Tensor:
+        if self._x is None:
+            self._x = torch.cat([self.frame.xe, self.geom.xt[1]], 1) if self.lo else self.frame.xe
+        return self._x
 
 
 class _Coefficients:
-    """Right-hand sides [alpha | alpha (x) u_e] of the weight GEMMs: the global frame's whole when it fits half
-    the budget (else built per slice); the other frames' always per slice (only the rectangles of one framed
-    component use them, a block's worth at most)."""
+    """Right-hand sides [alpha | alpha (x) u_e] of the weight GEMMs: whole when they fit half the budget, else built
+    per slice."""
 
     def __init__(self, geom: Geometry, alpha: torch.Tensor, budget: int):
         self.geom, self.alpha = geom, alpha
@@ -75,72 +82,59 @@ class _Coefficients:
         self.width = c + c * self.coords.width
         item = alpha.element_size()
         self.whole = self.coords.width > 0 and coefficients_whole(geom.n, self.width, item, budget)
-        self.full = stacked_coefficients(alpha, self.coords.x(0)) if self.whole else None
+        self.full = stacked_coefficients(alpha, self.coords.x()) if self.whole else None
         self.bytes = geom.n * self.width * item if self.whole else 0
 
-    def __call__(self, frame: int, cols: slice) -> torch.Tensor:
-        if frame == 0 and self.whole:
+    def __call__(self, cols: slice) -> torch.Tensor:
+        if self.whole:
             return self.full[cols]
-        return stacked_coefficients(self.alpha[cols], self.coords.x(frame)[cols])
+        return stacked_coefficients(self.alpha[cols], self.coords.x()[cols])
 
 
-def _product(geom: Geometry, acc: torch.Tensor, weights: torch.Tensor, coeffs: _Coefficients, frame: int,
-             cols: slice, rows: slice, tmp: torch.Tensor, c: int) -> None:
-    """acc (rows' accumulator) += the weights' contribution W [alpha | V]_cols in ``frame``. Frame 0 accumulates
-    (W alpha, W V) about the global centre; another frame's product P is finished at once, as the local gradient
-    P_alpha (x) u_local - P_V, and folded into the V part (G~ = acc_alpha (x) u - acc_V)."""
-    if frame == 0:
-        acc.addmm_(weights, coeffs(0, cols))
-        return
-    # In chunks of the rows of ``tmp`` (the planner's share for a framed rectangle): first the columns, whose
-    # local coefficients are built per chunk, then the rows of the product.
-    step, re = tmp.shape[0], coeffs.coords.width
-    for c0 in range(0, cols.stop - cols.start, step):
-        part = slice(cols.start + c0, min(cols.stop, cols.start + c0 + step))
-        rhs = coeffs(frame, part)
-        for r0 in range(0, weights.shape[0], step):
-            r1 = min(weights.shape[0], r0 + step)
-            R = r1 - r0
-            W = weights[r0:r1, c0:c0 + rhs.shape[0]]
-            # P_V straight into the V part (no product buffer), P_alpha (R, c) apart: it is multiplied out at once.
-            acc[r0:r1, c:].addmm_(W, rhs[:, c:])
-            p_alpha = torch.mm(W, rhs[:, :c], out=tmp[:R])
-            local = coeffs.coords.z(frame)[rows.start + r0:rows.start + r1]
-            acc[r0:r1, c:].view(R, c, re).addcmul_(p_alpha[:, :, None], local[:, None, :], value=-1.0)
+def _buckets(geom: Geometry) -> int:
+    """Buckets of the mixed frame (0 without frames): per-bucket sums of the weights' alpha products are kept."""
+    return 0 if geom.frame_offsets is None or geom.re == 0 else geom.frame_offsets.shape[0]
 
 
 def _tile_products(geom: Geometry, acc: torch.Tensor, tile: torch.Tensor, coeffs: _Coefficients, rows: slice,
-                   cols: slice, tmp: torch.Tensor, c: int, acc_cols: Optional[torch.Tensor] = None) -> None:
-    """acc (the rows' accumulator) += the tile's contribution W [alpha | V]_cols, and with ``acc_cols`` (the mirrored
-    side of the symmetric schedule) acc_cols += W^T [alpha | V]_rows, rectangle by rectangle, each in its frame."""
-    for seg in geom.segments(rows, cols):
-        sr = slice(seg.rows.start - rows.start, seg.rows.stop - rows.start)
-        sc = slice(seg.cols.start - cols.start, seg.cols.stop - cols.start)
-        sub = tile[sr, sc]
-        _product(geom, acc[sr], sub, coeffs, seg.frame, seg.cols, seg.rows, tmp, c)
-        if acc_cols is not None:
-            _product(geom, acc_cols[sc], sub.T, coeffs, seg.frame, seg.rows, seg.cols, tmp, c)
-
-
-def _framed_chunk(geom: Geometry, width: int, item: int, budget: int) -> int:
-    """Rows (and columns) of a framed rectangle handled at once: the largest framed component, at most what an
-    eighth of the budget holds for its local coefficients (rows, width) and the alpha part of its product
-    (rows, c)."""
-    if geom.framed_span == 0:
-        return 0
-    return max(1, min(geom.framed_span, budget // (16 * width * item)))
+                   cols: slice, alpha: torch.Tensor, P: Optional[torch.Tensor], acc_cols: Optional[torch.Tensor] = None,
+                   P_cols: Optional[torch.Tensor] = None) -> None:
+    """acc (the rows' accumulator) += W [alpha | V]_cols, and with ``acc_cols`` (the mirrored side of the symmetric
+    schedule) acc_cols += W^T [alpha | V]_rows; with frames, the per-bucket sums P (buckets, rows, c) += W_b alpha_b
+    for each bucket's run of columns (and P_cols likewise from the rows)."""
+    acc.addmm_(tile, coeffs(cols))
+    if P is not None:
+        for a, b, bucket in geom.bucket_runs(cols, of_z=False):
+            P[bucket].addmm_(tile[:, a - cols.start:b - cols.start], alpha[a:b])
+    if acc_cols is not None:
+        acc_cols.addmm_(tile.T, coeffs(rows))
+        if P_cols is not None:
+            for a, b, bucket in geom.bucket_runs(rows, of_z=True):
+                P_cols[bucket].addmm_(tile[a - rows.start:b - rows.start].T, alpha[a:b])
 
 
 def _finish(geom: Geometry, rows: slice, acc: torch.Tensor, direct_acc: Optional[torch.Tensor], c: int,
-            out: torch.Tensor, coords: "_Coords") -> torch.Tensor:
-    """G~ (R, c, r) of ``rows`` from the accumulator (R, width) and the direct one (kdir, c, R)."""
+            out: torch.Tensor, coords: "_Coords", P: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """G~ (R, c, r) of ``rows`` from the accumulator (R, width), the direct one (kdir, c, R) and, with frames, the
+    per-bucket sums P (buckets, R, c)."""
     R, re, k, kl = rows.stop - rows.start, geom.re, geom.kdir, coords.k
     G = out[:R]
     width = coords.width
     if re:
         part = G[:, :, k:]
-        torch.mul(acc[:, :c, None], geom.frames[0].ze[rows, None, :], out=part)
-        part.sub_(acc[:, c:].view(R, c, width)[:, :, :re])
+        acc_v = acc[:, c:].view(R, c, width)[:, :, :re]
+        ze = coords.frame.ze
+        if P is None:
+            torch.mul(acc[:, :c, None], ze[rows, None, :], out=part)
+            part.sub_(acc_v)
+        else:
+            offsets = geom.frame_offsets
+            for a, b, bucket in geom.bucket_runs(rows, of_z=True):
+                lr = slice(a - rows.start, b - rows.start)
+                # sum_b P[b] (x) (delta_own - delta_b) - acc_V, then + (W alpha) (x) u'_z
+                D = (offsets[bucket][None, :] - offsets).expand(b - a, -1, -1)
+                torch.baddbmm(acc_v[lr], P[:, lr].permute(1, 2, 0), D, beta=-1.0, out=part[lr])
+                part[lr].addcmul_(acc[lr, :c, None], ze[a:b, None, :])
     if k:
         G[:, :, :k] = direct_acc.permute(2, 1, 0)
     if kl:
@@ -189,16 +183,16 @@ def _one_sided(geom, alpha, evaluator, budget, scratch_cells, pair_weights):
     item = alpha.element_size()
     coeffs = _Coefficients(geom, alpha, budget)
     width = coeffs.width
-    span = _framed_chunk(geom, width, item, budget)
-    plan = plan_tiles(m, n, budget - coeffs.bytes, fixed=span * (width + c) * item,
-                      per_row=item * (width + 2 * c * r + k * c),
+    nb = _buckets(geom)
+    plan = plan_tiles(m, n, budget - coeffs.bytes,
+                      per_row=item * (width + 2 * c * r + k * c + nb * c),
                       per_col=0 if coeffs.whole or coeffs.coords.width == 0 else width * item,
                       per_cell=item * (1 + scratch_cells + k), device=alpha.device, what="a gradient tile")
     dev, dt = alpha.device, alpha.dtype
     tile_buf = torch.empty(plan.rows * plan.cols, dtype=dt, device=dev)
     direct_buf = torch.empty(k, plan.rows * plan.cols, dtype=dt, device=dev)
     acc_buf = torch.empty(plan.rows, width, dtype=dt, device=dev)
-    tmp_buf = torch.empty(span, c, dtype=dt, device=dev)
+    P_buf = torch.empty(nb, plan.rows, c, dtype=dt, device=dev) if nb else None
     # Transposed (k, c, rows): MKL runs the thin products alpha^T D^T 2-3x faster than D alpha.
     direct_acc_buf = torch.empty(k, c, plan.rows, dtype=dt, device=dev)
     out_buf = torch.empty(plan.rows, c, r, dtype=dt, device=dev)
@@ -206,6 +200,7 @@ def _one_sided(geom, alpha, evaluator, budget, scratch_cells, pair_weights):
         R = rows.stop - rows.start
         acc = acc_buf[:R].zero_()
         direct_acc = direct_acc_buf[:, :, :R].zero_()
+        P = P_buf[:, :R].zero_() if nb else None
         for cols in plan.col_blocks(n):
             size = R * (cols.stop - cols.start)
             tile = tile_buf[:size].view(R, -1)
@@ -223,25 +218,24 @@ def _one_sided(geom, alpha, evaluator, budget, scratch_cells, pair_weights):
                     direct[q].mul_(tile)
                 direct_acc[q].addmm_(alpha[cols].T, direct[q].T)
             if coeffs.coords.width:
-                _tile_products(geom, acc, tile, coeffs, rows, cols, tmp_buf, c)
-        yield rows, _finish(geom, rows, acc, direct_acc, c, out_buf, coeffs.coords)
+                _tile_products(geom, acc, tile, coeffs, rows, cols, alpha, P)
+        yield rows, _finish(geom, rows, acc, direct_acc, c, out_buf, coeffs.coords, P)
 
 
 def _symmetric_plan(geom, c, item, budget, scratch_cells):
     """Budget split of the symmetric schedule: the coefficients (whole if they fit half the budget, else two
-    block slices per frame), one block x block tile, per block row the strip buffers (scratch, direct
-    differences) and the output rows; the rest holds the group's accumulators."""
+    block slices), one block x block tile, per block row the strip buffers (scratch, direct differences) and the
+    output rows; the rest holds the group's accumulators (with frames, the per-bucket sums too)."""
     r, k = geom.r, geom.kdir
     cw = _Coords(geom).width
     width = c + c * cw
     whole = cw > 0 and coefficients_whole(geom.n, width, item, budget)
-    # A framed rectangle's local coefficients and product: at most the largest framed component's rows.
-    fixed = (geom.n * width * item if whole else 0) + _framed_chunk(geom, width, item, budget) * (width + c) * item
+    fixed = geom.n * width * item if whole else 0
     strip = strip_rows(geom.device)
     slices = 0 if whole or cw == 0 else 2 * width
     per_block_row = item * (strip * (scratch_cells + k) + c * r + slices)
     return plan_symmetric(geom.n, budget, fixed=fixed, per_block_cell=item, per_block_row=per_block_row,
-                          per_acc_row=item * (width + k * c), device=geom.device)
+                          per_acc_row=item * (width + k * c + _buckets(geom) * c), device=geom.device)
 
 
 def _symmetric(geom, alpha, evaluator, budget, plan, scratch_cells):
@@ -262,14 +256,15 @@ def _symmetric(geom, alpha, evaluator, budget, plan, scratch_cells):
     acc_buf = torch.empty(rows_total, coeffs.width, dtype=dt, device=dev)
     direct_acc_buf = torch.empty(k, c, rows_total, dtype=dt, device=dev)
     out_buf = torch.empty(B, c, r, dtype=dt, device=dev)
-    tmp_buf = torch.empty(_framed_chunk(geom, coeffs.width, alpha.element_size(), budget), c, dtype=dt,
-                          device=dev)
+    nb = _buckets(geom)
+    P_buf = torch.empty(nb, rows_total, c, dtype=dt, device=dev) if nb else None
 
     for group in plan.groups(len(blocks)):
         g0 = blocks[group[0]].start
         span = blocks[group[-1]].stop - g0
         acc = acc_buf[:span].zero_()
         direct_acc = direct_acc_buf[:, :, :span].zero_()
+        P = P_buf[:, :span].zero_() if nb else None
         for I, J, mirrored in plan.pairs(group, len(blocks)):
             rows, cols = blocks[I], blocks[J]
             lc = slice(cols.start - g0, cols.stop - g0) if mirrored else None
@@ -295,12 +290,15 @@ def _symmetric(geom, alpha, evaluator, budget, plan, scratch_cells):
                     if mirrored:
                         direct_acc[q, :, lc].addmm_(alpha[part].T, direct[q], alpha=-1.0)
             if coeffs.coords.width:
-                _tile_products(geom, acc[rows.start - g0:rows.stop - g0], tile, coeffs, rows, cols, tmp_buf, c,
-                               acc_cols=acc[lc] if mirrored else None)
+                lr = slice(rows.start - g0, rows.stop - g0)
+                _tile_products(geom, acc[lr], tile, coeffs, rows, cols, alpha, None if P is None else P[:, lr],
+                               acc_cols=acc[lc] if mirrored else None,
+                               P_cols=None if P is None or not mirrored else P[:, lc])
         for I in group:
             rows = blocks[I]
             lr = slice(rows.start - g0, rows.stop - g0)
-            yield rows, _finish(geom, rows, acc[lr], direct_acc[:, :, lr], c, out_buf, coeffs.coords)
+            yield rows, _finish(geom, rows, acc[lr], direct_acc[:, :, lr], c, out_buf, coeffs.coords,
+                                None if P is None else P[:, lr])
 
 
 __all__ = ["gradient_blocks", "stacked_coefficients", "BudgetError"]
