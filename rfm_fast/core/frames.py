@@ -12,11 +12,14 @@ sqrt(8 near_rtol) R_node (R_node the node's radius about its mean): any two poin
 are at least tau apart, so at the top level every pair across components passes the near test in the global
 frame (s >= tau^2 >= 4 near_rtol (||u_z||^2 + ||u_x||^2)) with room to spare; deeper splits (the partly collapsed
 classes inside one wide component) are certified at their node's scale, and their cross pairs are evaluated in
-the global frame, near or not, as they would be without the split. Only gaps with at least MIN_FRAMED points on each side count. The leaves are the components;
-those with at least MIN_FRAMED points, a sample of whose pairs shows at least FRAME_SHARE failing the
-global near test, get a frame of their own: pairs of points of one framed component are evaluated in coordinates
-about its centre (``Geometry.segments``). Points are ordered by component, so a component is a contiguous range
-and a tile splits into at most three rectangles per component. Evaluation points that are not the centres are
+the global frame, near or not, as they would be without the split. Only gaps with at least MIN_FRAMED points on
+each side count, and a node whose pairs would all fail the global near test is not split (its cross pairs would
+all be exact recomputations). The leaves are the components; those with at least MIN_FRAMED points, a sample of
+whose pairs shows at least FRAME_SHARE failing the global near test (or known to, for such tight nodes), get a
+frame of their own: distances of pairs of one framed component are evaluated in coordinates about its centre
+(``Geometry.segments``), and the gradient products in the mixed coordinates of ``rfm_fast.core.gradient``.
+Points are ordered by component, so a component is a contiguous range and a tile's distances split into at most
+three rectangles per component. Evaluation points that are not the centres are
 assigned by the same splits (at the gap's midpoint); their cross-component pairs are at least tau / 2 apart.
 
 Correctness never depends on the components: every pair still passes the near test of the frame it is evaluated
@@ -74,22 +77,21 @@ def _largest_gap(p: torch.Tensor):
 
 
 def _two_means(P: torch.Tensor):
-    """A 2-means split of the points P (k, r) (farthest-point start, LLOYD_STEPS Lloyd steps; distances by
-    expansion, which is accurate enough to split, so no (k, r) temporaries): (unit axis w, the boundary's
-    projection on w, the points' projections, the share of P's spread about its mean that the two halves keep
-    about theirs), or None when P does not split."""
+    """A 2-means split of the points P (k, r) (farthest-point start, up to LLOYD_STEPS Lloyd steps, stopped once
+    the halves no longer change; distances by expansion, which is accurate enough to split, so no (k, r)
+    temporaries): (unit axis w, the boundary's projection on w, the points' projections, a function giving the
+    share of P's spread about its mean that the two halves keep about theirs), or None when P does not split."""
     k = P.shape[0]
     norms = (P * P).sum(1)
     mean = P.mean(0)
-
-    def farthest(c):
-        return P[torch.argmax(norms - 2.0 * (P @ c) + (c * c).sum())]
-
-    c1 = farthest(mean)
-    c2 = farthest(c1)
-    left = None
+    c1 = P[torch.argmax(norms - 2.0 * (P @ mean))]  # the farthest point from the mean (|mean|^2 is common)
+    c2 = P[torch.argmax(norms - 2.0 * (P @ c1))]
+    left, count = None, 0
     for _ in range(LLOYD_STEPS + 1):
-        left = (P @ (c2 - c1)) * 2.0 <= (c2 * c2).sum() - (c1 * c1).sum()
+        side = (P @ (c2 - c1)) * 2.0 <= float(c2 @ c2 - c1 @ c1)
+        if left is not None and torch.equal(side, left):
+            break
+        left = side
         count = int(left.sum())
         if count in (0, k):
             return None
@@ -99,11 +101,13 @@ def _two_means(P: torch.Tensor):
     if not norm > 0:
         return None
     w = w / norm
-    spread = float(norms.mean() - (mean * mean).sum())
-    kept = float((norms[left].mean() - (c1 * c1).sum()) * (count / k)
-                 + (norms[~left].mean() - (c2 * c2).sum()) * (1 - count / k))
-    boundary = float(0.5 * ((c1 + c2) @ w))
-    return w, boundary, P @ w, (kept / spread if spread > 0 else 1.0)
+
+    def kept() -> float:
+        spread = float(norms.mean() - mean @ mean)
+        inside = float((norms[left].mean() - c1 @ c1) * (count / k) + (norms[~left].mean() - c2 @ c2) * (1 - count / k))
+        return inside / spread if spread > 0 else 1.0
+
+    return w, float(0.5 * ((c1 + c2) @ w)), P @ w, kept
 
 
 def _principal(P: torch.Tensor) -> Optional[torch.Tensor]:
@@ -158,7 +162,7 @@ def _split(P: torch.Tensor, tau: float, near_rtol: float, mean_sq: float):
         count = int(left.sum())
         separation = float(projection[left].mean() - projection[~left].mean()) if 0 < count < P.shape[0] else 0.0
         wide = separation**2 >= 8.0 * near_rtol * mean_sq
-        if kept <= SPLIT_GAIN and wide and MIN_FRAMED <= count <= P.shape[0] - MIN_FRAMED:
+        if wide and MIN_FRAMED <= count <= P.shape[0] - MIN_FRAMED and kept() <= SPLIT_GAIN:
             return w, boundary, left
     v = _principal(P)
     if v is not None:

@@ -25,15 +25,24 @@ EvaluatorFactory = Callable[[Geometry, bool], tuple]
 class _LazyScratchPass:
     """TorchPass with a scratch buffer grown on first use to the largest tile it sees."""
 
+    separable = True
+
     def __init__(self):
         self.inner = TorchPass()
 
-    def __call__(self, tile, bz, bx, spec, gradient):
+    def _grow(self, tile, spec, gradient):
         if gradient and spec.laplace:
             buf = self.inner.scratch
             if buf is None or buf.numel() < tile.numel() or buf.dtype != tile.dtype or buf.device != tile.device:
                 self.inner.scratch = torch.empty(tile.numel(), dtype=tile.dtype, device=tile.device)
+
+    def __call__(self, tile, bz, bx, spec, gradient):
+        self._grow(tile, spec, gradient)
         return self.inner(tile, bz, bx, spec, gradient)
+
+    def formulas(self, tile, spec, gradient, near):
+        self._grow(tile, spec, gradient)
+        self.inner.formulas(tile, spec, gradient, near)
 
 
 def torch_evaluator(geom: Geometry, gradient: bool):

@@ -74,11 +74,20 @@ class TorchPass:
     or weight formulas of the kernel description (2-4 in-place passes). ``scratch`` (at least the tile's size)
     serves the Laplace weights."""
 
+    # The near test and the formulas are separate steps: a tile split into per-frame rectangles runs the test per
+    # rectangle (each against its frame's bounds) and the formulas once on the whole tile (``TileEvaluator``).
+    separable = True
+
     def __init__(self, scratch: Optional[torch.Tensor] = None):
         self.scratch = scratch
 
     def __call__(self, tile, bz, bx, spec, gradient):
         near = near_indices(tile, bz, bx, spec.tile_sign)
+        self.formulas(tile, spec, gradient, near)
+        return near
+
+    def formulas(self, tile, spec, gradient, near):
+        """Values or gradient weights in place; gradient weights of the ``near`` entries (local (k, 2)) set to 0."""
         if gradient:
             scratch = None
             if spec.laplace and self.scratch is not None:
@@ -88,7 +97,6 @@ class TorchPass:
                 tile[near[:, 0], near[:, 1]] = 0
         else:
             spec.values_(tile)
-        return near
 
 
 class TileEvaluator:
@@ -220,7 +228,19 @@ class TileEvaluator:
             selfs = out.diagonal(rows.start - cols.start)
             selfs.fill_(self.spec.tile_sign * float("inf"))
         found = []
-        for seg in geom.segments(rows, cols):
+        segments = geom.segments(rows, cols)
+        if len(segments) > 1 and getattr(self.elementwise, "separable", False):
+            for seg in segments:
+                r0, c0 = seg.rows.start - rows.start, seg.cols.start - cols.start
+                view = out[r0:seg.rows.stop - rows.start, c0:seg.cols.stop - cols.start]
+                frame = geom.frames[seg.frame]
+                idx = near_indices(view, frame.bz[seg.rows], frame.bx[seg.cols], self.spec.tile_sign)
+                if idx.numel():
+                    found.append(idx + torch.tensor([r0, c0], device=idx.device))
+            near = torch.cat(found) if found else torch.empty(0, 2, dtype=torch.long, device=out.device)
+            self.elementwise.formulas(out, self.spec, gradient, near)
+            segments = []
+        for seg in segments:
             r0, c0 = seg.rows.start - rows.start, seg.cols.start - cols.start
             view = out[r0:seg.rows.stop - rows.start, c0:seg.cols.stop - cols.start]
             frame = geom.frames[seg.frame]
