@@ -7,9 +7,10 @@ opt-in, against the torch already installed (hence no build isolation):
 
 Nothing is compiled at import time. The sources and compiler flags come from rfm_fast/_ext.py (loaded by path,
 without importing the package), which also offers ``build_inplace()`` for machines without pip:
-- C++: -O3 -fopenmp-simd -fno-math-errno -fno-trapping-math, plus -mavx2 -mfma (and AVX-512 F/DQ/VL) only
-  when this CPU and compiler support them (no -march=native; ``RFM_FAST_ARCH_FLAGS`` overrides). The C++
-  standard is torch's choice.
+- C++: -O3 -fopenmp-simd -fopenmp -fno-math-errno -fno-trapping-math, plus -mavx2 -mfma (and AVX-512 F/DQ/VL)
+  only when this CPU and compiler support them (no -march=native; ``RFM_FAST_ARCH_FLAGS`` overrides). -fopenmp
+  (compiled and linked) is what makes ATen's parallel_for use threads; ``RFM_FAST_OPENMP=0`` leaves it out. The
+  C++ standard is torch's choice.
 - CUDA: compiled only when torch has CUDA and ``CUDA_HOME`` is set explicitly; the architectures come from
   ``TORCH_CUDA_ARCH_LIST`` (default here "9.0", i.e. sm_90).
 """
@@ -45,9 +46,11 @@ def extension_modules():
     if cuda:
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "9.0")
         ext = CUDAExtension("rfm_fast._C", sources,
-                            extra_compile_args={"cxx": config.cxx_flags(), "nvcc": config.nvcc_flags()})
+                            extra_compile_args={"cxx": config.cxx_flags(), "nvcc": config.nvcc_flags()},
+                            extra_link_args=config.link_flags())
     else:
-        ext = CppExtension("rfm_fast._C", sources, extra_compile_args={"cxx": config.cxx_flags()})
+        ext = CppExtension("rfm_fast._C", sources, extra_compile_args={"cxx": config.cxx_flags()},
+                           extra_link_args=config.link_flags())
     return [ext], {"build_ext": BuildExtension}
 
 

@@ -281,3 +281,26 @@ def test_tile_pass_matches_the_torch_pass(kernel, dtype, gradient):
     assert torch.allclose(tile[keep], expected[keep], rtol=tol, atol=0)
     if gradient:
         assert torch.all(tile[~keep] == 0)
+
+
+@needs_ext
+@pytest.mark.parametrize("gradient", [False, True])
+def test_compiled_pass_is_the_same_on_any_thread_count(gradient):
+    """The compiled pass splits a tile's rows over torch's threads (the extension is built with OpenMP, or
+    ATen's parallel_for would run it on one): the same values and the same near pairs on 1 and 2 threads."""
+    gen = _seed("threads", gradient)
+    tile = torch.rand(300, 700, generator=gen) * 4
+    tile[::7, ::11] = 1e-9  # near entries scattered over every row block
+    bz, bx = torch.full((300,), 1e-6), torch.full((700,), 1e-6)
+    saved = torch.get_num_threads()
+    results = []
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            out = tile.clone()
+            near = torch.ops.rfm_fast.tile_pass_(out, bz, bx, 1.0, True, gradient)
+            results.append((out, near[torch.argsort(near[:, 0] * 700 + near[:, 1])]))
+    finally:
+        torch.set_num_threads(saved)
+    (a, na), (b, nb) = results
+    assert torch.equal(a, b) and torch.equal(na, nb) and na.shape[0] == 43 * 64

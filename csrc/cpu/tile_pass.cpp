@@ -19,6 +19,10 @@
 
 #include "tile_math.h"
 
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
 namespace rfm_fast::cpu {
 namespace {
 
@@ -155,6 +159,10 @@ at::Tensor tile_pass_cpu(at::Tensor tile, const at::Tensor& bz, const at::Tensor
         dir.ld = dout->stride(1);
       }
     }
+#ifdef _OPENMP
+    // This extension links the compiler's OpenMP runtime, not torch's bundled one: its team follows torch's count.
+    if (omp_get_max_threads() != threads) omp_set_num_threads(threads);
+#endif
     // Grain: a few rows of work per task keeps both cores busy on one strip of a tile.
     at::parallel_for(0, R, std::max<int64_t>(1, 16384 / std::max<int64_t>(1, C * (1 + k))), [&](int64_t r0,
                                                                                                    int64_t r1) {

@@ -161,8 +161,8 @@ class Geometry:
         factor = MetricFactor.from_matrix(M, z.shape[1], dtype, device)
         x = x.contiguous()
         z = x if same else z.contiguous()
-        centre = x.to(torch.float64).mean(0, keepdim=True) if x.shape[0] else x.new_zeros(1, x.shape[1],
-                                                                                          dtype=torch.float64)
+        centre = x.mean(0, keepdim=True, dtype=torch.float64) if x.shape[0] else x.new_zeros(1, x.shape[1],
+                                                                                             dtype=torch.float64)
         centre_w = centre.to(dtype)
         xs = x - centre_w
         zs = xs if same else z - centre_w
