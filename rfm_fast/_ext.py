@@ -97,7 +97,8 @@ def _cpu_has(*flags: str) -> bool:
     return False
 
 
-def _compiler_accepts(flags: list[str]) -> bool:
+def _compiler_accepts(flags: list[str], source: str = "int main() { return 0; }\n", link: bool = False) -> bool:
+    """Whether $CXX (default c++) compiles ``source`` with ``flags`` (and links it, with ``link``)."""
     import subprocess
     import tempfile
 
@@ -105,10 +106,10 @@ def _compiler_accepts(flags: list[str]) -> bool:
     with tempfile.TemporaryDirectory() as tmp:
         src = os.path.join(tmp, "probe.cpp")
         with open(src, "w") as fh:
-            fh.write("int main() { return 0; }\n")
+            fh.write(source)
+        target = ["-o", os.path.join(tmp, "probe")] if link else ["-c", "-o", os.path.join(tmp, "probe.o")]
         try:
-            done = subprocess.run([cxx, *flags, "-c", src, "-o", os.path.join(tmp, "probe.o")],
-                                  capture_output=True, timeout=60)
+            done = subprocess.run([cxx, *flags, src, *target], capture_output=True, timeout=60)
         except (OSError, subprocess.TimeoutExpired):
             return False
         return done.returncode == 0
@@ -139,23 +140,6 @@ def arch_flags() -> list[str]:
     return []
 
 
-def _compiler_links_openmp() -> bool:
-    import subprocess
-    import tempfile
-
-    cxx = os.environ.get("CXX", "c++")
-    with tempfile.TemporaryDirectory() as tmp:
-        src = os.path.join(tmp, "probe.cpp")
-        with open(src, "w") as fh:
-            fh.write("#include <omp.h>\nint main() { return omp_get_max_threads() > 0 ? 0 : 1; }\n")
-        try:
-            done = subprocess.run([cxx, "-fopenmp", src, "-o", os.path.join(tmp, "probe")], capture_output=True,
-                                  timeout=60)
-        except (OSError, subprocess.TimeoutExpired):
-            return False
-        return done.returncode == 0
-
-
 def openmp_flags() -> list[str]:
     """``-fopenmp`` (compile and link) when torch runs its threads on OpenMP and the compiler can build and link
     OpenMP code; ``RFM_FAST_OPENMP=0`` leaves it out. ATen's ``at::parallel_for`` is an inline template that only
@@ -173,7 +157,8 @@ def openmp_flags() -> list[str]:
             return []
     except ImportError:
         return []
-    return ["-fopenmp"] if _compiler_links_openmp() else []
+    probe = "#include <omp.h>\nint main() { return omp_get_max_threads() > 0 ? 0 : 1; }\n"
+    return ["-fopenmp"] if _compiler_accepts(["-fopenmp"], probe, link=True) else []
 
 
 def cxx_flags() -> list[str]:
