@@ -153,17 +153,21 @@ def peak_extra_bytes(spec: dict) -> Optional[int]:
     return None
 
 
+def _probe():
+    import torch
+
+    from ._validation import prepare
+
+    return prepare(torch.zeros(2, 2), torch.zeros(2, 2), torch.zeros(2, 1), None, "laplace", 1.0, need_alpha=True)
+
+
 def default_backends() -> list[str]:
     """torch always; the compiled and KeOps CPU backends when they can run here; xrfm when installed."""
     import importlib.util
 
-    import torch
-
     from ._dispatch import REGISTRY
-    from ._validation import prepare
 
-    probe = prepare(torch.zeros(2, 2), torch.zeros(2, 2), torch.zeros(2, 1), None, "laplace", 1.0,
-                    need_alpha=True)
+    probe = _probe()
     names = ["torch"]
     for name in ("cpp", "keops"):
         if REGISTRY[name].reason("agop", probe) is None:
@@ -173,8 +177,28 @@ def default_backends() -> list[str]:
     return names
 
 
+def check_backends(names: list[str]) -> None:
+    """ValueError naming the first backend of ``names`` that is unknown or cannot run the CPU AGOP here, and why."""
+    import importlib.util
+
+    from ._dispatch import REGISTRY
+
+    probe = _probe()
+    for name in names:
+        if name == "xrfm":
+            if importlib.util.find_spec("xrfm") is None:
+                raise ValueError("backend 'xrfm' needs the xrfm package (pip install xrfm)")
+            continue
+        if name not in REGISTRY:
+            raise ValueError(f"unknown backend {name!r}; the backends are {sorted(REGISTRY)} and xrfm")
+        reason = REGISTRY[name].reason("agop", probe)
+        if reason is not None:
+            raise ValueError(f"backend {name!r} cannot run here: {reason}")
+
+
 def measure(cases, backends, *, kernel="laplace", dtype="float32", bandwidth=10.0, reps=3, memory=True,
-            log=print) -> list[Row]:
+            log=print, failed: Optional[list] = None) -> list[Row]:
+    """Rows of the table; the names of backends whose run raised are appended to ``failed``."""
     import torch
 
     rows: list[Row] = []
@@ -197,6 +221,8 @@ def measure(cases, backends, *, kernel="laplace", dtype="float32", bandwidth=10.
                 t = _median_time(fn, reps if backend != "xrfm" else max(1, reps - 1))
             except Exception as exc:  # one failing backend must not lose the table
                 log(f"  {backend}: failed: {exc}")
+                if failed is not None:
+                    failed.append(backend)
                 continue
             if backend == "xrfm":
                 note = "get_agop (sum over points)"
@@ -231,23 +257,34 @@ def format_table(rows: list[Row]) -> str:
     for key, xr in xrfm.items():
         if key in best:
             lines.append("")
-            lines.append(f"n = {key[0]}, d = {key[1]}, c = {key[2]}: rfm_fast ({best[key].backend}) is "
-                         f"{xr.median_s / best[key].median_s:.1f}x faster than xrfm and uses "
-                         f"{(xr.peak_extra_mb or 0) / max(best[key].peak_extra_mb or 1, 1):.0f}x less extra memory.")
+            speed = xr.median_s / best[key].median_s
+            pace = f"{speed:.1f}x faster than" if speed >= 1 else f"{1 / speed:.1f}x slower than"
+            memory = ""
+            if xr.peak_extra_mb is not None and best[key].peak_extra_mb is not None:
+                share = xr.peak_extra_mb / max(best[key].peak_extra_mb, 1.0)
+                memory = (f" and uses {share:.0f}x less extra memory" if share >= 1
+                          else f" and uses {1 / max(share, 1e-9):.1f}x more extra memory")
+            lines.append(f"n = {key[0]}, d = {key[1]}, c = {key[2]}: rfm_fast ({best[key].backend}) is {pace} "
+                         f"xrfm{memory}.")
     return "\n".join(lines)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--n", type=int, nargs="*", help="problem sizes n = m (default: 20000 10000)")
-    parser.add_argument("--d", type=int, default=64)
-    parser.add_argument("--c", type=int, default=10)
+    from .cli import _positive_int, positive_float
+
+    parser.add_argument("--n", type=_positive_int, nargs="*", help="problem sizes n = m (default: 20000 10000)")
+    parser.add_argument("--d", type=_positive_int, default=64, help="input dimension d (default: 64)")
+    parser.add_argument("--c", type=_positive_int, default=10, help="outputs c, the columns of alpha (default: 10)")
     parser.add_argument("--quick", action="store_true", help="small problems only (seconds)")
     parser.add_argument("--backends", nargs="*", help="backends to time (default: torch, cpp/keops when "
-                        "available, xrfm when installed)")
-    parser.add_argument("--kernel", default="laplace", choices=("laplace", "gaussian"))
-    parser.add_argument("--dtype", default="float32", choices=("float32", "float64"))
-    parser.add_argument("--bandwidth", type=float, default=10.0)
-    parser.add_argument("--reps", type=int, default=3)
+                        "available, xrfm when installed); a named backend that cannot run is an error")
+    parser.add_argument("--kernel", default="laplace", choices=("laplace", "gaussian"), help="(default: laplace)")
+    parser.add_argument("--dtype", default="float32", choices=("float32", "float64"), help="(default: float32)")
+    parser.add_argument("--bandwidth", type=positive_float, default=10.0, help="kernel bandwidth L (default: 10)")
+    parser.add_argument("--reps", type=_positive_int, default=3, help="timed runs per row, the median is shown "
+                        "(default: 3)")
+    parser.add_argument("--threads", type=_positive_int, default=None,
+                        help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
     parser.add_argument("--csv", help="also write the rows to this CSV file")
     parser.add_argument("--child", help=argparse.SUPPRESS)
@@ -261,13 +298,19 @@ def run(args: argparse.Namespace) -> int:
         cases = tuple((n, args.d, args.c) for n in args.n)
     else:
         cases = QUICK_CASES if args.quick else DEFAULT_CASES
+    if args.backends:
+        check_backends(args.backends)
     backends = args.backends or default_backends()
     import torch
 
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
     print(f"rfm_fast AGOP benchmark: torch {torch.__version__}, {torch.get_num_threads()} threads, "
           f"{args.kernel}, {args.dtype}, x = centres, medians of {args.reps}", flush=True)
+    failed: list = []
     rows = measure(cases, backends, kernel=args.kernel, dtype=args.dtype, bandwidth=args.bandwidth,
-                   reps=args.reps, memory=not args.no_memory, log=lambda s: print(s, flush=True))
+                   reps=args.reps, memory=not args.no_memory, log=lambda s: print(s, flush=True), failed=failed)
     print()
     print(format_table(rows))
     if args.csv:
@@ -276,11 +319,16 @@ def run(args: argparse.Namespace) -> int:
             writer = csv.DictWriter(fh, fieldnames=list(asdict(rows[0]).keys()))
             writer.writeheader()
             writer.writerows(asdict(r) for r in rows)
+    if failed and args.backends:
+        print(f"rfm-fast bench: failed: {', '.join(sorted(set(failed)))} (named with --backends)", file=sys.stderr)
+        return 1
     return 0
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog="rfm-fast bench", description=__doc__.split("\n\n")[0])
+    from .cli import Parser
+
+    parser = Parser(prog="rfm-fast bench", description=__doc__.split("\n\n")[0])
     add_arguments(parser)
     return run(parser.parse_args(argv))
 

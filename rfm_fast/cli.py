@@ -33,6 +33,59 @@ COLUMNS = (("layer", "layer", "{:d}"), ("nc1_input", "NC1 in", "{:.3e}"), ("nc1_
            ("solve_s", "solve s", "{:.3f}"), ("agop_s", "AGOP s", "{:.3f}"), ("feature_map_s", "feat map s", "{:.3f}"))
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse with one-line errors: ``PROG: error: MESSAGE (see PROG --help)`` on stderr, exit code 2."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+# What a user's mistake raises inside a command (a bad dataset name or file, a value a model rejects, a missing
+# optional dependency): reported in one line with exit code 2; anything else is a bug and keeps its traceback.
+USER_ERRORS = (ValueError, OSError, ImportError)
+
+
+def _number(kind, low: float, inclusive: bool, what: str):
+    """An argparse type: a ``kind`` number above ``low`` (or at least ``low``)."""
+
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
+        if not (value >= low if inclusive else value > low) or value != value:
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}")
+        return value
+
+    return parse
+
+
+positive_float = _number(float, 0.0, False, "a number > 0")
+nonnegative_int = _number(int, 0, True, "an integer >= 0")
+nonnegative_float = _number(float, 0.0, True, "a number >= 0")
+
+
+def device_type(text: str) -> str:
+    """An argparse type: a torch device that exists here ("auto" passes through)."""
+    if text == "auto":
+        return text
+    import torch
+
+    try:
+        device = torch.device(text)
+    except (RuntimeError, ValueError):
+        raise argparse.ArgumentTypeError(f"not a torch device: {text!r} (e.g. cpu, cuda, cuda:1)") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise argparse.ArgumentTypeError(f"{text!r}: CUDA is not available in this torch installation "
+                                             f"(torch {torch.__version__})")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise argparse.ArgumentTypeError(f"{text!r}: only {torch.cuda.device_count()} CUDA device(s) here")
+    elif device.type not in ("cpu", "mps", "xpu"):
+        raise argparse.ArgumentTypeError(f"unsupported device {text!r}")
+    return text
+
+
 def _positive_int(text: str, also: str = "") -> int:
     """An argparse type: an integer >= 1 (the error names ``also``, the other values the option takes)."""
     try:
@@ -57,12 +110,13 @@ def add_deep_rfm_arguments(p: argparse.ArgumentParser) -> None:
                    help="input preprocessing, with training-set statistics: standardize (per-feature mean 0, std 1; "
                         "the default), unit (divide by the training set's largest absolute value) or none "
                         "(torchvision images are already in [0, 1])")
-    p.add_argument("--n", type=int, default=None, help="use the first N training examples (default: all)")
-    p.add_argument("--n-test", type=int, default=None, help="use the first N test examples (default: all)")
-    p.add_argument("--depth", type=int, default=8, help="number of Deep RFM layers (default: 8)")
-    p.add_argument("--kernel", choices=("laplace", "gaussian"), default="laplace")
-    p.add_argument("--bandwidth", type=float, default=2.0, help="kernel bandwidth L (default: 2.0)")
-    p.add_argument("--reg", type=float, default=1e-3, help="kernel ridge (default: 1e-3)")
+    p.add_argument("--n", type=_positive_int, default=None, help="use the first N training examples (default: all)")
+    p.add_argument("--n-test", type=_positive_int, default=None,
+                   help="use the first N test examples (default: all)")
+    p.add_argument("--depth", type=_positive_int, default=8, help="number of Deep RFM layers (default: 8)")
+    p.add_argument("--kernel", choices=("laplace", "gaussian"), default="laplace", help="kernel (default: laplace)")
+    p.add_argument("--bandwidth", type=positive_float, default=2.0, help="kernel bandwidth L (default: 2.0)")
+    p.add_argument("--reg", type=nonnegative_float, default=1e-3, help="kernel ridge (default: 1e-3)")
     p.add_argument("--feature-map", choices=("relu", "cosine"), default="relu",
                    help="random feature map of each layer: relu (ReLU(z W^T), the default) or cosine (sqrt(2/D) "
                         "cos(z W^T + b) with i.i.d. Cauchy W and uniform b, as in the paper; the paper's setting "
@@ -71,20 +125,21 @@ def add_deep_rfm_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--width", type=_width, default=None,
                    help="random features per layer: an integer, or 'input' for the input dimension (default: 1024 "
                         "for relu, 'input' for cosine, the paper's setting)")
-    p.add_argument("--gamma", type=float, default=None,
+    p.add_argument("--gamma", type=positive_float, default=None,
                    help="Cauchy scale of the cosine map's W (default: 1/bandwidth); the paper uses 0.05 for "
                         "MNIST-like data and 0.1 for CIFAR-10/SVHN-like data")
     p.add_argument("--projection", choices=("agop", "identity"), default="agop",
                    help="agop: project on the AGOP square root (Deep RFM); identity: skip it (the control)")
     p.add_argument("--control", action="store_true",
                    help="also run the identity-projection control with the same seed and plot it alongside")
-    p.add_argument("--device", default=None, help="torch device, e.g. cpu or cuda (default: cpu)")
-    p.add_argument("--dtype", choices=("float32", "float64"), default="float32")
+    p.add_argument("--device", type=device_type, default=None, help="torch device, e.g. cpu or cuda (default: cpu)")
+    p.add_argument("--dtype", choices=("float32", "float64"), default="float32",
+                   help="working dtype (default: float32)")
     p.add_argument("--solver", choices=("auto", "cholesky", "cg", "pcg"), default="auto",
                    help="kernel ridge solver (default: auto)")
     p.add_argument("--backend", default="auto", help="ops backend (default: auto)")
     p.add_argument("--seed", type=int, default=0, help="seed of the data split and the feature maps (default: 0)")
-    p.add_argument("--gram-per-class", type=int, default=30,
+    p.add_argument("--gram-per-class", type=_positive_int, default=30,
                    help="samples per class in the Gram-matrix figure (default: 30)")
     p.add_argument("--out", default=None, help="folder for metrics.json, metrics.csv and the PNG plots")
     p.add_argument("--no-plots", action="store_true", help="write no PNG files")
@@ -172,8 +227,6 @@ def run_deep_rfm(args: argparse.Namespace) -> int:
     from .data import train_test
     from .models import DeepRFM
 
-    if args.depth < 1 or (isinstance(args.width, int) and args.width < 1):
-        raise SystemExit("rfm-fast deep-rfm: --depth and --width must be >= 1")
     if args.threads is not None:
         import torch
 
@@ -239,13 +292,25 @@ def _selected_command(argv: Sequence[str]) -> Optional[str]:
     return None
 
 
+def _add_debug(parser: argparse.ArgumentParser, top: bool) -> None:
+    # On the subcommands too (rfm-fast deep-rfm ... --debug); SUPPRESS there, so an absent flag does not reset
+    # the top-level one.
+    parser.add_argument("--debug", action="store_true", default=False if top else argparse.SUPPRESS,
+                        help="show the Python traceback of an error instead of its one-line message")
+
+
 def build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
     """The parser; a delegated subcommand's module is imported only when ``argv`` selects it."""
-    parser = argparse.ArgumentParser(prog="rfm-fast", description="Fast kernels for RFM and Deep RFM.")
+    from . import __version__
+
+    parser = Parser(prog="rfm-fast", description="Fast kernels for RFM and Deep RFM.")
+    parser.add_argument("--version", action="version", version=f"rfm-fast {__version__}")
+    _add_debug(parser, top=True)
     subparsers = parser.add_subparsers(dest="command", metavar="{deep-rfm,bench,nn-collapse}")
     deep = subparsers.add_parser("deep-rfm", help="run Deep RFM and measure deep neural collapse per layer",
                                  description="Deep RFM (arXiv 2402.13728) with NC1/NC2 per layer, a table and plots.")
     add_deep_rfm_arguments(deep)
+    _add_debug(deep, top=False)
     deep.set_defaults(func=run_deep_rfm)
     selected = _selected_command(argv)
     for name, (module_name, help_text) in DELEGATED.items():
@@ -263,6 +328,7 @@ def build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
             continue
         sub = subparsers.add_parser(name, help=help_text, description=help_text)
         module.add_arguments(sub)
+        _add_debug(sub, top=False)
         sub.set_defaults(func=module.run)
     return parser
 
@@ -280,7 +346,17 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if getattr(args, "func", None) is None:
         parser.print_help(sys.stderr)
         return 2
-    return int(args.func(args) or 0)
+    try:
+        return int(args.func(args) or 0)
+    except USER_ERRORS as exc:
+        if args.debug:
+            raise
+        message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        print(f"rfm-fast {args.command}: error: {message} (--debug shows the traceback)", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"rfm-fast {args.command}: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

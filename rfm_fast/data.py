@@ -109,18 +109,28 @@ def _torchvision(name: str):
 def _npz(path: Path):
     if not path.is_file():
         raise FileNotFoundError(f"no dataset file at {path}")
-    with np.load(path, allow_pickle=False) as data:
+    try:
+        archive = np.load(path, allow_pickle=False)
+    except (ValueError, OSError) as exc:
+        raise ValueError(f"{path} is not a .npz archive of arrays ({exc})") from exc
+    if not isinstance(archive, np.lib.npyio.NpzFile):
+        raise ValueError(f"{path} holds a single array, not a .npz archive with X_train and y_train")
+    with archive as data:
         missing = [key for key in ("X_train", "y_train") if key not in data.files]
         if missing:
             raise ValueError(f"{path} must hold X_train and y_train (and optionally X_test, y_test); "
                              f"missing {missing}, found {data.files}")
         if ("X_test" in data.files) != ("y_test" in data.files):
             raise ValueError(f"{path} must hold both X_test and y_test, or neither")
-        Xtr, ytr = data["X_train"], data["y_train"]
-        if "X_test" in data.files:
-            Xte, yte = data["X_test"], data["y_test"]
-        else:
-            Xte, yte = np.zeros((0,) + Xtr.shape[1:], Xtr.dtype), np.zeros(0, ytr.dtype)
+        try:
+            Xtr, ytr = data["X_train"], data["y_train"]
+            if "X_test" in data.files:
+                Xte, yte = data["X_test"], data["y_test"]
+            else:
+                Xte, yte = np.zeros((0,) + Xtr.shape[1:], Xtr.dtype), np.zeros(0, ytr.dtype)
+        except ValueError as exc:  # object (pickled) arrays, which are not loaded
+            raise ValueError(f"{path}: X_train, y_train, X_test and y_test must be plain numeric arrays, not "
+                             f"pickled objects ({exc})") from exc
     return Xtr, Xte, ytr, yte
 
 

@@ -1,5 +1,6 @@
 """The rfm-fast command (run as a user would, on tiny settings) and the dataset loader behind it."""
 
+import argparse
 import csv
 import json
 import pathlib
@@ -169,3 +170,62 @@ def test_torchvision_datasets_need_torchvision():
             train_test("mnist", n=10)
     else:
         pytest.skip("torchvision is installed: this checks the message shown without it")
+
+
+@pytest.mark.parametrize("argv,needle", [
+    (["deep-rfm", "--dataset", "nope"], "dataset must be one of"),
+    (["deep-rfm", "--dataset", "MISSING.npz"], "no dataset file"),
+    (["deep-rfm", "--dataset", "NOTNPZ"], "is not a .npz archive"),
+    (["deep-rfm", "--bandwidth", "-1"], "--bandwidth"),
+    (["deep-rfm", "--reg", "-0.1"], "--reg"),
+    (["deep-rfm", "--n", "-5"], "--n"),
+    (["deep-rfm", "--depth", "0"], "--depth"),
+    (["deep-rfm", "--device", "cuda:7"], "--device"),
+    (["bench", "--backends", "tourch"], "unknown backend 'tourch'"),
+    (["bench", "--reps", "0"], "--reps"),
+    (["nn-collapse", "--epochs", "0"], "--epochs"),
+])
+def test_user_mistakes_end_in_one_line_and_exit_2(argv, needle, tmp_path, capsys):
+    """An ordinary mistake prints one line on stderr (no traceback, no progress bar) and exits with code 2."""
+    argv = [str(tmp_path / "missing.npz") if a == "MISSING.npz" else a for a in argv]
+    if "NOTNPZ" in argv:
+        bad = tmp_path / "bad.npz"
+        bad.write_bytes(b"not an archive")
+        argv = [str(bad) if a == "NOTNPZ" else a for a in argv]
+    try:
+        code = cli.main(argv)
+    except SystemExit as exc:  # argparse's own errors
+        code = exc.code
+    captured = capsys.readouterr()
+    assert code == 2
+    lines = captured.err.strip().splitlines()
+    assert len(lines) == 1 and needle in lines[0] and "Traceback" not in captured.err, captured.err
+    assert "%" not in captured.err and captured.out == ""
+
+
+def test_debug_shows_the_traceback_and_version_prints(capsys):
+    with pytest.raises(ValueError, match="dataset must be one of"):
+        cli.main(["deep-rfm", "--dataset", "nope", "--debug"])
+    with pytest.raises(ValueError, match="dataset must be one of"):
+        cli.main(["--debug", "deep-rfm", "--dataset", "nope"])
+    with pytest.raises(SystemExit) as info:
+        cli.main(["--version"])
+    assert info.value.code == 0 and capsys.readouterr().out.startswith("rfm-fast ")
+
+
+def test_every_flag_has_help(capsys):
+    for sub in ("deep-rfm", "bench", "nn-collapse"):
+        parser = cli.build_parser([sub])
+        action = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+        for flag in action.choices[sub]._actions:
+            if flag.help != argparse.SUPPRESS:
+                assert flag.help, (sub, flag.option_strings)
+
+
+def test_bench_summary_says_slower_when_slower():
+    from rfm_fast.bench import Row, format_table
+
+    rows = [Row(100, 100, 8, 2, "laplace", "float32", "torch", 2.0, 1.0, 50.0, 1.0),
+            Row(100, 100, 8, 2, "laplace", "float32", "xrfm", 1.0, 1.0, 25.0, 1.0)]
+    text = format_table(rows)
+    assert "2.0x slower than xrfm" in text and "2.0x more extra memory" in text and "faster" not in text

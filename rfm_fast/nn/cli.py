@@ -25,26 +25,38 @@ DEFAULTS = dict(epochs=300, lr=1e-3, batch_size=128, width=512, depth=5, init_ga
 
 def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Add the nn-collapse options to ``parser`` (a subcommand parser or a fresh one)."""
+    from ..cli import _positive_int, device_type, nonnegative_int, positive_float
+
     d = DEFAULTS
     parser.add_argument("--dataset", default="digits",
-                        help="digits, mnist, cifar10, svhn or a PATH.npz with X_train, y_train[, X_test, y_test]")
-    parser.add_argument("--n", type=int, default=None, help="training samples (default: all)")
-    parser.add_argument("--n-test", type=int, default=None, help="test samples (default: all)")
-    parser.add_argument("--epochs", type=int, default=d["epochs"])
-    parser.add_argument("--lr", type=float, default=d["lr"], help="Adam learning rate")
-    parser.add_argument("--batch-size", type=int, default=d["batch_size"])
-    parser.add_argument("--width", type=int, default=d["width"], help="hidden width")
-    parser.add_argument("--depth", type=int, default=d["depth"], help="number of hidden layers")
-    parser.add_argument("--init-gain", type=float, default=d["init_gain"],
-                        help="Xavier-uniform gain; small values (the default) give the feature-learning regime")
-    parser.add_argument("--record-every", type=int, default=d["record_every"],
-                        help="measure every k epochs (and at epoch 0 and the last epoch)")
-    parser.add_argument("--agop-samples", type=int, default=d["agop_samples"],
-                        help="training samples the AGOPs are averaged over (seeded subset; 0 = all)")
-    parser.add_argument("--seed", type=int, default=d["seed"])
-    parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... or auto (cuda when available)")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
-    parser.add_argument("--out", default="nn-collapse-out", help="folder for the JSON/CSV measures and PNG plots")
+                        help="digits, mnist, cifar10, svhn or a PATH.npz with X_train, y_train[, X_test, y_test] "
+                             "(default: digits)")
+    parser.add_argument("--n", type=_positive_int, default=None, help="training samples (default: all)")
+    parser.add_argument("--n-test", type=_positive_int, default=None, help="test samples (default: all)")
+    parser.add_argument("--epochs", type=_positive_int, default=d["epochs"], help=f"epochs (default: {d['epochs']})")
+    parser.add_argument("--lr", type=positive_float, default=d["lr"], help=f"Adam learning rate (default: {d['lr']})")
+    parser.add_argument("--batch-size", type=_positive_int, default=d["batch_size"],
+                        help=f"minibatch size (default: {d['batch_size']})")
+    parser.add_argument("--width", type=_positive_int, default=d["width"],
+                        help=f"hidden width (default: {d['width']})")
+    parser.add_argument("--depth", type=_positive_int, default=d["depth"],
+                        help=f"number of hidden layers (default: {d['depth']})")
+    parser.add_argument("--init-gain", type=positive_float, default=d["init_gain"],
+                        help="Xavier-uniform gain; small values (the default, "
+                             f"{d['init_gain']}) give the feature-learning regime")
+    parser.add_argument("--record-every", type=_positive_int, default=d["record_every"],
+                        help="measure every k epochs (and at epoch 0 and the last epoch; default: "
+                             f"{d['record_every']})")
+    parser.add_argument("--agop-samples", type=nonnegative_int, default=d["agop_samples"],
+                        help=f"training samples the AGOPs are averaged over (seeded subset; 0 = all; default: "
+                             f"{d['agop_samples']})")
+    parser.add_argument("--seed", type=int, default=d["seed"], help=f"seed (default: {d['seed']})")
+    parser.add_argument("--device", type=device_type, default="cpu",
+                        help="cpu, cuda, cuda:1, ... or auto (cuda when available; default: cpu)")
+    parser.add_argument("--threads", type=_positive_int, default=None,
+                        help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--out", default="nn-collapse-out",
+                        help="folder for the JSON/CSV measures and PNG plots (default: nn-collapse-out)")
     parser.add_argument("--no-plots", action="store_true", help="skip the PNG figures")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     return parser
@@ -171,7 +183,9 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    parser = add_arguments(argparse.ArgumentParser(prog="rfm-fast nn-collapse", description=__doc__.split("\n")[0]))
+    from ..cli import Parser
+
+    parser = add_arguments(Parser(prog="rfm-fast nn-collapse", description=__doc__.split("\n")[0]))
     return run(parser.parse_args(argv))
 
 
