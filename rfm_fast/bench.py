@@ -29,8 +29,11 @@ from typing import Callable, Optional
 DEFAULT_CASES = ((20000, 64, 10), (10000, 64, 10), (3000, 64, 10))
 QUICK_CASES = ((5000, 64, 10), (2000, 32, 1))
 FLOOR_ROWS = 256
-# xrfm materialises several n x m matrices and the m x c x d gradients: ~8.6 GB at n = m = 10^4, d = 64, c = 10.
-XRFM_MAX_PAIRS = 1.2e8
+# xrfm materialises several n x m matrices and the m x c x d gradients: ~8.6 GB at n = m = 10^4, d = 64, c = 10
+# (measured peak 8553 MB; 783 MB at n = 3000), i.e. about 8.6e-8 GB per pair (n x m matrices dominate).
+XRFM_GB_PER_PAIR = 8.6e-8
+# The peers' rows run only when their estimated memory fits this many GB (``--peer-memory``): a laptop's share.
+PEER_MEMORY_GB = 3.0
 # KeOps' CPU code is a scalar loop per pair: ~7.6 s at n = m = 3000 (benchmarks/results/keops_crossover.csv), so
 # larger problems would take minutes per repetition.
 KEOPS_CPU_MAX_PAIRS = 1e7
@@ -197,8 +200,10 @@ def check_backends(names: list[str]) -> None:
 
 
 def measure(cases, backends, *, kernel="laplace", dtype="float32", bandwidth=10.0, reps=3, memory=True,
-            log=print, failed: Optional[list] = None) -> list[Row]:
-    """Rows of the table; the names of backends whose run raised are appended to ``failed``."""
+            log=print, failed: Optional[list] = None, skipped: Optional[list] = None,
+            peer_memory: float = PEER_MEMORY_GB) -> list[Row]:
+    """Rows of the table; the names of backends whose run raised are appended to ``failed``, and a line for
+    each peer row left out because its memory estimate exceeds ``peer_memory`` GB to ``skipped``."""
     import torch
 
     rows: list[Row] = []
@@ -209,8 +214,12 @@ def measure(cases, backends, *, kernel="laplace", dtype="float32", bandwidth=10.
         rows.append(Row(n, n, d, c, kernel, dtype, "gemm-floor", floor_s, flops / floor_s / 1e9, None, 1.0))
         log(f"n={n} d={d} c={c}: GEMM floor {floor_s:.3f} s ({flops / floor_s / 1e9:.0f} GFLOP/s)")
         for backend in backends:
-            if backend == "xrfm" and n * n > XRFM_MAX_PAIRS:
-                log(f"  xrfm skipped at n={n}: it needs ~{8.6 * n * n / 1e8:.0f} GB")
+            need = XRFM_GB_PER_PAIR * n * n
+            if backend == "xrfm" and need > peer_memory:
+                message = f"xrfm skipped at n={n}: it needs ~{need:.1f} GB (more than --peer-memory {peer_memory:g})"
+                log(f"  {message}")
+                if skipped is not None:
+                    skipped.append(message)
                 continue
             if backend == "keops" and n * n > KEOPS_CPU_MAX_PAIRS and X.device.type == "cpu":
                 log(f"  keops skipped at n={n}: minutes per call on CPU (see benchmarks/results/keops_crossover.csv)")
@@ -285,6 +294,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "(default: 3)")
     parser.add_argument("--threads", type=_positive_int, default=None,
                         help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--peer-memory", type=positive_float, default=PEER_MEMORY_GB,
+                        help="run a peer's row (xrfm) only when its estimated memory fits this many GB "
+                             f"(default: {PEER_MEMORY_GB:g}; xrfm needs ~8.6 GB at n = 10000)")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
     parser.add_argument("--csv", help="also write the rows to this CSV file")
     parser.add_argument("--child", help=argparse.SUPPRESS)
@@ -309,10 +321,14 @@ def run(args: argparse.Namespace) -> int:
     print(f"rfm_fast AGOP benchmark: torch {torch.__version__}, {torch.get_num_threads()} threads, "
           f"{args.kernel}, {args.dtype}, x = centres, medians of {args.reps}", flush=True)
     failed: list = []
+    skipped: list = []
     rows = measure(cases, backends, kernel=args.kernel, dtype=args.dtype, bandwidth=args.bandwidth,
-                   reps=args.reps, memory=not args.no_memory, log=lambda s: print(s, flush=True), failed=failed)
+                   reps=args.reps, memory=not args.no_memory, log=lambda s: print(s, flush=True), failed=failed,
+                   skipped=skipped, peer_memory=args.peer_memory)
     print()
     print(format_table(rows))
+    for line in skipped:
+        print(f"\n{line}: not in the table")
     if args.csv:
         os.makedirs(os.path.dirname(os.path.abspath(args.csv)), exist_ok=True)
         with open(args.csv, "w", newline="") as fh:

@@ -229,3 +229,14 @@ def test_bench_summary_says_slower_when_slower():
             Row(100, 100, 8, 2, "laplace", "float32", "xrfm", 1.0, 1.0, 25.0, 1.0)]
     text = format_table(rows)
     assert "2.0x slower than xrfm" in text and "2.0x more extra memory" in text and "faster" not in text
+
+
+def test_bench_skips_peer_rows_that_would_not_fit(capsys):
+    """A peer row whose estimated memory exceeds --peer-memory is left out, and the output says so."""
+    from rfm_fast.bench import measure
+
+    skipped, failed = [], []
+    rows = measure([(64, 4, 2)], ["torch", "xrfm"], reps=1, memory=False, log=lambda s: None, failed=failed,
+                   skipped=skipped, peer_memory=1e-9)
+    assert [r.backend for r in rows] == ["gemm-floor", "torch"] and failed == []
+    assert len(skipped) == 1 and "xrfm skipped at n=64" in skipped[0] and "--peer-memory" in skipped[0]
