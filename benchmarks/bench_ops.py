@@ -10,6 +10,11 @@ import pytest
 import torch
 
 import rfm_fast
+
+try:
+    import pytest_benchmark  # noqa: F401  (provides the ``benchmark`` fixture)
+except ImportError:
+    pytestmark = pytest.mark.skip(reason="needs pytest-benchmark: pip install -e '.[bench]'")
 from rfm_fast.bench import gemm_floor, make_problem
 
 SIZES = [(2000, 64, 10), (5000, 64, 10), (5000, 256, 1)]

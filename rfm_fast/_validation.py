@@ -72,8 +72,11 @@ def _to_tensor(name: str, value: Any) -> torch.Tensor:
         arr = np.asarray(value)
     except (TypeError, ValueError) as exc:
         raise TypeError(f"{name} must be an array-like of real numbers, got {type(value).__name__} ({exc})") from None
-    if arr.dtype == object or not (np.issubdtype(arr.dtype, np.floating) or np.issubdtype(arr.dtype, np.integer)
-                                   or arr.dtype == np.bool_):
+    if np.issubdtype(arr.dtype, np.complexfloating):
+        raise ValueError(f"Complex data not supported: {name} has dtype {arr.dtype}; the kernels take real numbers")
+    if arr.dtype == object:  # numbers held as Python objects: converted (numpy's TypeError names what is not one)
+        arr = arr.astype(np.float64).astype(np.float32)
+    if not (np.issubdtype(arr.dtype, np.floating) or np.issubdtype(arr.dtype, np.integer) or arr.dtype == np.bool_):
         raise TypeError(f"{name} must hold real numbers, got {type(value).__name__} with dtype {arr.dtype}")
     if arr.dtype.byteorder == ">" or any(st < 0 for st in arr.strides):
         arr = np.ascontiguousarray(arr, dtype=arr.dtype.newbyteorder("=") if arr.dtype.byteorder == ">" else None)

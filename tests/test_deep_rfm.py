@@ -4,6 +4,7 @@ import math
 
 import numpy as np
 import pytest
+from sklearn.exceptions import NotFittedError
 import torch
 
 from rfm_fast.data import train_test
@@ -176,7 +177,7 @@ def test_errors(digits):
         DeepRFM(projection="pca").fit(X_train[:20], y_train[:20])
     with pytest.raises(ValueError, match="depth"):
         DeepRFM(depth=0).fit(X_train[:20], y_train[:20])
-    with pytest.raises(RuntimeError, match="not fitted"):
+    with pytest.raises(NotFittedError, match="not fitted"):
         DeepRFM().transform(X_train[:2])
     with pytest.raises(ValueError, match="2 classes"):
         DeepRFM(depth=1).fit(X_train[:5], np.zeros(5, dtype=int))

@@ -36,15 +36,18 @@ def resolve_device(device: Any, X: Any) -> torch.device:
 
 
 def as_features(name: str, X: Any, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """A 2-D finite float tensor of the model's dtype on its device."""
-    if isinstance(X, np.ndarray):
-        X = torch.from_numpy(np.ascontiguousarray(X))
-    elif not isinstance(X, torch.Tensor):
-        X = torch.as_tensor(np.asarray(X))
+    """A 2-D finite float tensor of the model's dtype on its device, from any array-like the ops take
+    (``rfm_fast._validation``: lists, integer/bool/object arrays of numbers, pandas frames; scipy sparse refused)."""
+    from .._validation import _to_tensor
+
+    X = _to_tensor(name, X)
     if X.ndim != 2:
-        raise ValueError(f"{name} must be 2-D (n, d), got shape {tuple(X.shape)}")
+        raise ValueError(f"{name} must be 2-D (n, d), got shape {tuple(X.shape)}. Reshape your data with "
+                         f"{name}.reshape(-1, 1) for one feature or {name}.reshape(1, -1) for one sample")
     if X.shape[0] == 0:
-        raise ValueError(f"{name} must hold at least one row")
+        raise ValueError(f"{name} must hold at least one row, got 0 samples (shape={tuple(X.shape)})")
+    if X.shape[1] == 0:
+        raise ValueError(f"{name} has 0 feature(s) (shape={tuple(X.shape)}) while a minimum of 1 is required.")
     X = X.to(device=device, dtype=dtype)
     if not bool(torch.isfinite(X).all()):
         raise ValueError(f"{name} contains NaN or inf")

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
 import numpy as np
 import torch
-from sklearn.base import BaseEstimator
+from sklearn.base import BaseEstimator, TransformerMixin
+from sklearn.exceptions import NotFittedError
 
 from ..core.geometry import reuse
 from ..core.metric import psd_sqrt
@@ -51,7 +53,16 @@ class Layer:
         return math.sqrt(2.0 / self.W.shape[0]) * torch.cos(Z @ self.W.T + self.b)
 
 
-class DeepRFM(BaseEstimator):
+def _measure(metric, T: torch.Tensor, codes: torch.Tensor) -> float:
+    """A collapse metric of one layer, NaN where it is undefined (e.g. NC2 of features whose class means all
+    coincide with the global mean): a degenerate layer is recorded, not fatal to the fit."""
+    try:
+        return metric(T, codes)
+    except ValueError:
+        return float("nan")
+
+
+class DeepRFM(TransformerMixin, BaseEstimator):
     """Deep Recursive Feature Machine, following the code of arXiv 2402.13728.
 
     Layer l maps its input X_l (n, d_l) as follows (training data; new data reuse the learned M^{1/2}, W, b):
@@ -174,7 +185,7 @@ class DeepRFM(BaseEstimator):
         self.classes_, codes = encode_classes(as_labels("y", y, n))
         K = len(self.classes_)
         if K < 2:
-            raise ValueError("y must hold at least 2 classes")
+            raise ValueError(f"y must hold at least 2 classes, got 1 class ({self.classes_[0]!r})")
         targets = 2 * one_hot(codes, K, self.dtype_, self.device_) - 1
         codes_t = torch.as_tensor(codes, device=self.device_)
         has_val = X_val is not None and y_val is not None
@@ -215,8 +226,13 @@ class DeepRFM(BaseEstimator):
                 sqrt_M = None
                 if self.projection == "agop":
                     start = clock()
-                    G = agop(Xl, Xl, alpha, **self._ops())
-                    sqrt_M = psd_sqrt(normalize_metric(symmetrize(G), "max"))
+                    G = symmetrize(agop(Xl, Xl, alpha, **self._ops()))
+                    if float(G.abs().max()) > 0:
+                        sqrt_M = psd_sqrt(normalize_metric(G, "max"))
+                    else:  # a constant predictor (e.g. all inputs equal after the row scaling): no direction
+                        warnings.warn(f"DeepRFM layer {index + 1}: the AGOP is zero (the predictor is constant), so "
+                                      "this layer keeps its features without the AGOP projection", RuntimeWarning,
+                                      stacklevel=2)
                     agop_s = clock() - start
             start = clock()
             layer = self._draw_layer(Xl.shape[1], generator, sqrt_M)
@@ -226,8 +242,8 @@ class DeepRFM(BaseEstimator):
                 V_next = layer.features(layer.project(V))
             feature_map_s += clock() - start
             for tag, T in (("input", Xl), ("projected", Z), ("features", F)):
-                record[f"nc1_{tag}"] = nc1(T, codes_t)
-                record[f"nc2_{tag}"] = nc2(T, codes_t)
+                record[f"nc1_{tag}"] = _measure(nc1, T, codes_t)
+                record[f"nc2_{tag}"] = _measure(nc2, T, codes_t)
             record.update(solve_s=float(solve_s), agop_s=float(agop_s), feature_map_s=float(feature_map_s))
             self.metrics_.append({key: record[key] for key in (*METRIC_KEYS, "test_accuracy", *TIMING_KEYS)
                                   if key in record})
@@ -257,15 +273,23 @@ class DeepRFM(BaseEstimator):
             line += f", test acc {record['test_accuracy']:.4f}"
         return line
 
+    def __sklearn_tags__(self):
+        tags = super().__sklearn_tags__()
+        # transform returns the model's dtype (float32 unless dtype="float64").
+        tags.transformer_tags.preserves_dtype = ["float64" if resolve_dtype(self.dtype) == torch.float64
+                                                 else "float32"]
+        return tags
+
     def _check_fitted(self) -> None:
         if not hasattr(self, "layers_"):
-            raise RuntimeError("this DeepRFM is not fitted yet: call fit(X, y) first")
+            raise NotFittedError("this DeepRFM is not fitted yet: call fit(X, y) first")
 
     def _forward(self, X: Any, layers: Optional[int] = None) -> torch.Tensor:
         self._check_fitted()
         Xl = as_features("X", X, self.dtype_, self.device_)
         if Xl.shape[1] != self.n_features_in_:
-            raise ValueError(f"X must have {self.n_features_in_} features, got {Xl.shape[1]}")
+            raise ValueError(f"X has {Xl.shape[1]} features, but {type(self).__name__} is expecting "
+                             f"{self.n_features_in_} features as input")
         for layer in self.layers_[: layers if layers is not None else len(self.layers_)]:
             Xl = layer.features(layer.project(row_normalize(Xl)))
         return Xl

@@ -7,6 +7,7 @@ from typing import Any, Optional
 import numpy as np
 import torch
 from sklearn.base import BaseEstimator
+from sklearn.exceptions import NotFittedError
 from sklearn.utils.multiclass import type_of_target
 
 from ..ops.api import agop, kernel_mv
@@ -85,7 +86,8 @@ class RFM(BaseEstimator):
             y = as_labels("y", y, n)
             self.classes_, codes = encode_classes(y)
             if len(self.classes_) < 2:
-                raise ValueError("classification needs at least 2 classes in y")
+                raise ValueError(f"classification needs at least 2 classes in y, got 1 class "
+                                 f"({self.classes_[0]!r})")
             return one_hot(codes, len(self.classes_), self.dtype_, self.device_)
         Y = y.detach().cpu().numpy() if isinstance(y, torch.Tensor) else np.asarray(y)
         if Y.shape[0] != n or Y.ndim not in (1, 2):
@@ -140,14 +142,15 @@ class RFM(BaseEstimator):
 
     def _check_fitted(self) -> None:
         if not hasattr(self, "alpha_"):
-            raise RuntimeError("this RFM is not fitted yet: call fit(X, y) first")
+            raise NotFittedError("this RFM is not fitted yet: call fit(X, y) first")
 
     def decision_function(self, X: Any) -> Any:
         """Raw predictor outputs f(X) = K_M(X, X_fit) alpha: (m, c) (classes or targets)."""
         self._check_fitted()
         Xt = as_features("X", X, self.dtype_, self.device_)
         if Xt.shape[1] != self.n_features_in_:
-            raise ValueError(f"X must have {self.n_features_in_} features, got {Xt.shape[1]}")
+            raise ValueError(f"X has {Xt.shape[1]} features, but {type(self).__name__} is expecting "
+                             f"{self.n_features_in_} features as input")
         out = kernel_mv(Xt, self.X_fit_, self.alpha_, M=self.M_, **self._kwargs())
         return to_output(out, X)
 
