@@ -198,3 +198,22 @@ def test_cuda_matches_cpu(digits):
     assert gpu.layers_[0].W.device.type == "cuda"
     rfm = RFM(bandwidth=10.0, iters=1, device="cuda").fit(X_train, y_train)
     assert rfm.M_.device.type == "cuda" and rfm.score(X_test, y_test) >= 0.97
+
+
+def test_input_mistakes_are_named():
+    gen = np.random.default_rng(3)
+    X = gen.normal(size=(80, 5)).astype(np.float32)
+    y = (X[:, 0] > 0).astype(int)
+    with pytest.raises(ValueError, match="classifier and y looks like a continuous target"):
+        DeepRFM(depth=1, width=16).fit(X, X[:, 1] * 1.37)
+    with pytest.raises(ValueError, match=r"y_val holds labels the model was not trained on: \[7\]"):
+        DeepRFM(depth=1, width=16).fit(X, y, X_val=X[:10], y_val=np.full(10, 7))
+    with pytest.raises(ValueError, match="X_val was given without y_val"):
+        DeepRFM(depth=1, width=16).fit(X, y, X_val=X[:10])
+    with pytest.raises(TypeError, match="sparse"):
+        import scipy.sparse
+
+        DeepRFM(depth=1, width=16).fit(scipy.sparse.csr_matrix(X), y)
+    # Lists and float labels that are whole numbers are fine; so is a memory budget.
+    model = DeepRFM(depth=1, width=16, memory_budget="8MB", random_state=0).fit(X.tolist(), y.astype(float))
+    assert model.predict(X[:3]).shape == (3,) and model.get_params()["memory_budget"] == "8MB"

@@ -140,3 +140,40 @@ def test_scikit_learn_estimator_checks(make):
     expected = ["check_methods_subset_invariance"] if type(est).__name__ == "RFM" and est.dtype is None else []
     assert failed == expected, [(r["check_name"], str(r["exception"])[:300]) for r in results
                                 if r["status"] == "failed"]
+
+
+def test_validation_pairs_and_memory_budget():
+    gen = np.random.default_rng(4)
+    X = gen.normal(size=(80, 5)).astype(np.float32)
+    y = (X[:, 0] > 0).astype(int)
+    from rfm_fast import RFM
+
+    with pytest.raises(ValueError, match="y_val was given without X_val"):
+        RFM(iters=1).fit(X, y, y_val=y[:10])
+    small = RFM(iters=1, memory_budget="4MB").fit(X, y)
+    big = RFM(iters=1).fit(X, y)
+    assert np.allclose(small.decision_function(X), big.decision_function(X), atol=1e-5)
+
+
+def test_save_and_load_as_plain_data(tmp_path):
+    """Fitted models round-trip through save/load exactly, and the file loads with torch.load's default
+    weights_only=True (no pickled code)."""
+    from rfm_fast import RFM, DeepRFM
+
+    gen = np.random.default_rng(5)
+    X = gen.normal(size=(90, 6)).astype(np.float32)
+    labels = np.array(["a", "b", "c"])[(X[:, 0] > 0).astype(int) + (X[:, 1] > 1).astype(int)]
+    cases = [(RFM(iters=1), labels), (RFM(iters=1, task="regression", dtype="float64"), X[:, :2] @ [1.0, -2.0]),
+             (DeepRFM(depth=2, width=16, random_state=0), labels)]
+    for model, target in cases:
+        model.fit(X, target)
+        path = tmp_path / f"{type(model).__name__}.pt"
+        model.save(path)
+        assert torch.load(path)["class"] == type(model).__name__  # weights_only=True is torch's default
+        back = type(model).load(path)
+        assert back.get_params() == model.get_params()
+        assert np.array_equal(np.asarray(back.predict(X)), np.asarray(model.predict(X)))
+    with pytest.raises(ValueError, match="holds a DeepRFM, not a RFM"):
+        RFM.load(tmp_path / "DeepRFM.pt")
+    with pytest.raises(ValueError, match="not fitted"):
+        RFM().save(tmp_path / "empty.pt")

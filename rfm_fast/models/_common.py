@@ -64,15 +64,26 @@ def as_labels(name: str, y: Any, n: int) -> np.ndarray:
     return y
 
 
-def encode_classes(y: np.ndarray, classes: Optional[np.ndarray] = None) -> tuple[np.ndarray, np.ndarray]:
-    """(classes, codes 0..K-1). With ``classes`` given, labels outside it raise ValueError."""
+def encode_classes(y: np.ndarray, classes: Optional[np.ndarray] = None,
+                   name: str = "y") -> tuple[np.ndarray, np.ndarray]:
+    """(classes, codes 0..K-1). With ``classes`` given, labels outside it raise ValueError naming ``name``."""
     if classes is None:
         classes = np.unique(y)
     codes = np.searchsorted(classes, y)
     codes = np.clip(codes, 0, len(classes) - 1)
     if not np.array_equal(classes[codes], y):
-        raise ValueError("y holds labels the model was not trained on")
+        unseen = sorted(set(np.asarray(y).tolist()) - set(np.asarray(classes).tolist()))[:5]
+        raise ValueError(f"{name} holds labels the model was not trained on: {unseen} (trained on "
+                         f"{np.asarray(classes).tolist()[:10]})")
     return classes, codes
+
+
+def check_validation_pair(X_val: Any, y_val: Any) -> bool:
+    """Whether validation data were given; X_val without y_val (or the reverse) raises."""
+    if (X_val is None) != (y_val is None):
+        given, missing = ("X_val", "y_val") if y_val is None else ("y_val", "X_val")
+        raise ValueError(f"{given} was given without {missing}: pass both, or neither")
+    return X_val is not None
 
 
 def one_hot(codes: np.ndarray, K: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:

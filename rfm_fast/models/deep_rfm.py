@@ -12,14 +12,16 @@ import numpy as np
 import torch
 from sklearn.base import BaseEstimator, TransformerMixin
 from sklearn.exceptions import NotFittedError
+from sklearn.utils.multiclass import type_of_target
 
 from ..core.geometry import reuse
 from ..core.metric import psd_sqrt
 from ..metrics import nc1, nc2
 from ..ops.api import agop, kernel_mv
 from ..solvers import krr_solve
-from ._common import (as_features, as_labels, encode_classes, labels_out, normalize_metric, one_hot,
-                      resolve_device, resolve_dtype, row_normalize, symmetrize, to_output)
+from ._common import (as_features, as_labels, check_validation_pair, encode_classes, labels_out, normalize_metric,
+                      one_hot, resolve_device, resolve_dtype, row_normalize, symmetrize, to_output)
+from ._persist import Persist
 
 FEATURE_MAPS = ("relu", "cosine")
 PROJECTIONS = ("agop", "identity")
@@ -62,7 +64,7 @@ def _measure(metric, T: torch.Tensor, codes: torch.Tensor) -> float:
         return float("nan")
 
 
-class DeepRFM(TransformerMixin, BaseEstimator):
+class DeepRFM(Persist, TransformerMixin, BaseEstimator):
     """Deep Recursive Feature Machine, following the code of arXiv 2402.13728.
 
     Layer l maps its input X_l (n, d_l) as follows (training data; new data reuse the learned M^{1/2}, W, b):
@@ -92,6 +94,10 @@ class DeepRFM(TransformerMixin, BaseEstimator):
         backend: passed to the ops. solver: passed to :func:`rfm_fast.krr_solve`.
         verbose: show the iterative solvers' progress bars (``krr_solve(progress=True)``) and print one line per
             layer (its index, the seconds of the solve, the AGOP and the feature map, the accuracies).
+        memory_budget: working-memory bound of the ops and the solves (bytes or "256MB"; None: the default).
+
+    A classifier only: y must hold class labels (a continuous target raises). No ``predict_proba``: the readout's
+    ridge outputs are least-squares scores, not calibrated probabilities (``decision_function`` gives them).
 
     After ``fit``: ``metrics_`` (one dict per layer with exactly the keys nc1_input, nc1_projected,
     nc1_features, nc2_input, nc2_projected, nc2_features, train_accuracy, plus test_accuracy when validation
@@ -106,10 +112,13 @@ class DeepRFM(TransformerMixin, BaseEstimator):
     ``layers_`` (the learned :class:`Layer` list), ``classes_``.
     """
 
+    _saved_classes = {"Layer": Layer}
+
     def __init__(self, depth: int = 8, kernel: str = "laplace", bandwidth: float = 2.0, reg: float = 1e-3,
                  feature_map: str = "relu", width: Optional[int | str] = None, gamma: Optional[float] = None,
                  projection: str = "agop", random_state: Optional[int] = None, device: Any = None,
-                 dtype: Any = None, backend: str = "auto", solver: str = "auto", verbose: bool = False):
+                 dtype: Any = None, backend: str = "auto", solver: str = "auto", verbose: bool = False,
+                 memory_budget: Optional[int | str] = None):
         self.depth = depth
         self.kernel = kernel
         self.bandwidth = bandwidth
@@ -124,6 +133,7 @@ class DeepRFM(TransformerMixin, BaseEstimator):
         self.backend = backend
         self.solver = solver
         self.verbose = verbose
+        self.memory_budget = memory_budget
 
     def _check_params(self) -> None:
         depth = self.depth
@@ -141,7 +151,8 @@ class DeepRFM(TransformerMixin, BaseEstimator):
             raise ValueError(f"gamma must be None or a number > 0, got {self.gamma!r}")
 
     def _ops(self) -> dict:
-        return dict(kernel=self.kernel, bandwidth=self.bandwidth, backend=self.backend)
+        return dict(kernel=self.kernel, bandwidth=self.bandwidth, backend=self.backend,
+                    memory_budget=self.memory_budget)
 
     def layer_width(self, d: int) -> int:
         """The number of features of a layer whose input has d features, under ``width``."""
@@ -182,18 +193,24 @@ class DeepRFM(TransformerMixin, BaseEstimator):
         Xl = as_features("X", X, self.dtype_, self.device_)
         n = Xl.shape[0]
         self.n_features_in_ = Xl.shape[1]
-        self.classes_, codes = encode_classes(as_labels("y", y, n))
+        labels = as_labels("y", y, n)
+        kind = type_of_target(labels)
+        if kind not in ("binary", "multiclass"):
+            detail = "" if kind == "unknown" else f" ({len(np.unique(labels))} distinct values)"
+            raise ValueError(f"Unknown label type: DeepRFM is a classifier and y looks like a {kind} target{detail}: "
+                             "pass class labels")
+        self.classes_, codes = encode_classes(labels)
         K = len(self.classes_)
         if K < 2:
             raise ValueError(f"y must hold at least 2 classes, got 1 class ({self.classes_[0]!r})")
         targets = 2 * one_hot(codes, K, self.dtype_, self.device_) - 1
         codes_t = torch.as_tensor(codes, device=self.device_)
-        has_val = X_val is not None and y_val is not None
+        has_val = check_validation_pair(X_val, y_val)
         if has_val:
             V = as_features("X_val", X_val, self.dtype_, self.device_)
             if V.shape[1] != Xl.shape[1]:
                 raise ValueError(f"X_val must have {Xl.shape[1]} features, got {V.shape[1]}")
-            _, val_codes = encode_classes(as_labels("y_val", y_val, V.shape[0]), self.classes_)
+            _, val_codes = encode_classes(as_labels("y_val", y_val, V.shape[0]), self.classes_, name="y_val")
             val_codes_t = torch.as_tensor(val_codes, device=self.device_)
         seed = (int(self.random_state) if self.random_state is not None
                 else int(np.random.SeedSequence().entropy % 2**63))

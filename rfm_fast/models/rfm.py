@@ -12,14 +12,15 @@ from sklearn.utils.multiclass import type_of_target
 
 from ..ops.api import agop, kernel_mv
 from ..solvers import krr_solve
-from ._common import (as_features, as_labels, encode_classes, labels_out, normalize_metric, one_hot,
-                      resolve_device, resolve_dtype, symmetrize, to_output)
+from ._common import (as_features, as_labels, check_validation_pair, encode_classes, labels_out, normalize_metric,
+                      one_hot, resolve_device, resolve_dtype, symmetrize, to_output)
+from ._persist import Persist
 
 TASKS = ("auto", "classification", "regression")
 NORMALIZATIONS = ("max", "trace", None)
 
 
-class RFM(BaseEstimator):
+class RFM(Persist, BaseEstimator):
     """Recursive Feature Machine (scikit-learn style; regression and classification).
 
     Each of ``iters`` rounds: solve alpha = (K_M(X, X) + reg I)^{-1} Y; take the AGOP of the predictor
@@ -40,6 +41,11 @@ class RFM(BaseEstimator):
         dtype: "float32" / "float64" / torch dtype (default float32). device: torch device (default: X's device
             for a torch X, else CPU). backend: passed to the ops. random_state: seed of the AGOP subsample.
         verbose: show the iterative solvers' progress bars (``krr_solve(progress=True)``, CG / PCG only).
+        memory_budget: working-memory bound of the ops and the solver (bytes or "256MB"; None: the default,
+            ``$RFM_FAST_MEMORY_BUDGET`` or 128 MiB).
+
+    No ``predict_proba``: the kernel ridge outputs are least-squares scores for one-hot targets, not calibrated
+    probabilities; use ``decision_function``, or wrap the model in ``sklearn.calibration.CalibratedClassifierCV``.
 
     After fit: ``M_`` ((d,) or (d, d) tensor), ``alpha_`` (n, c), ``X_fit_`` (the centres), ``classes_``
     (classification), ``history_`` (one dict per solve: iteration, train_score, val_score when validation data
@@ -53,7 +59,8 @@ class RFM(BaseEstimator):
     def __init__(self, kernel: str = "laplace", bandwidth: float = 10.0, reg: float = 1e-3, iters: int = 5,
                  diag: bool = False, centered: bool = False, normalize: Optional[str] = "max", task: str = "auto",
                  agop_samples: Optional[int] = None, solver: str = "auto", dtype: Any = None, device: Any = None,
-                 backend: str = "auto", random_state: Optional[int] = None, verbose: bool = False):
+                 backend: str = "auto", random_state: Optional[int] = None, verbose: bool = False,
+                 memory_budget: Optional[int | str] = None):
         self.kernel = kernel
         self.bandwidth = bandwidth
         self.reg = reg
@@ -69,6 +76,7 @@ class RFM(BaseEstimator):
         self.backend = backend
         self.random_state = random_state
         self.verbose = verbose
+        self.memory_budget = memory_budget
 
     def _check_params(self) -> None:
         if self.task not in TASKS:
@@ -96,7 +104,8 @@ class RFM(BaseEstimator):
         return as_features("y", Y.reshape(n, -1), self.dtype_, self.device_)
 
     def _kwargs(self) -> dict:
-        return dict(kernel=self.kernel, bandwidth=self.bandwidth, backend=self.backend)
+        return dict(kernel=self.kernel, bandwidth=self.bandwidth, backend=self.backend,
+                    memory_budget=self.memory_budget)
 
     def fit(self, X: Any, y: Any, X_val: Any = None, y_val: Any = None) -> "RFM":
         """Fit on X (n, d) and y: labels (n,) for classification, values (n,) or (n, t) for regression."""
@@ -110,7 +119,7 @@ class RFM(BaseEstimator):
         self.task_ = self.task if self.task != "auto" else (
             "classification" if type_of_target(y_np) in ("binary", "multiclass") else "regression")
         Y = self._targets(y, n)
-        has_val = X_val is not None and y_val is not None
+        has_val = check_validation_pair(X_val, y_val)
         generator = torch.Generator().manual_seed(
             int(self.random_state) if self.random_state is not None else int(np.random.SeedSequence().entropy % 2**63))
 
