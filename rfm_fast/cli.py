@@ -270,10 +270,11 @@ def run_deep_rfm(args: argparse.Namespace) -> int:
         config = {k: v for k, v in vars(args).items() if k != "func"}
         written = _write_outputs(Path(args.out), config, runs)
         if make_plots:
-            from .plots import plot_collapse, plot_grams
+            from .plots import plot_collapse, plot_grams, short_name
 
             names = {"agop": "Deep RFM (AGOP projection)", "identity": "Control: identity projection (no AGOP)"}
-            title = f"{args.dataset}: n={X_train.shape[0]}, {args.kernel} L={args.bandwidth:g}, {args.feature_map}"
+            title = (f"{short_name(args.dataset)}: n={X_train.shape[0]}, {args.kernel} L={args.bandwidth:g}, "
+                     f"{args.feature_map}")
             written.append(plot_collapse({names[r["projection"]]: r["metrics"] for r in runs},
                                          Path(args.out) / "collapse.png", title=title))
             sizes = np.bincount(y_train[subset])

@@ -12,7 +12,7 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
-POINTS = (("input", r"$X_l$ (layer input)"), ("projected", r"$X_l M_l^{1/2}$ (after AGOP projection)"),
+POINTS = (("input", r"$X_l$ (layer input)"), ("projected", r"$X_l M_l^{1/2}$ (after the projection)"),
           ("features", r"$\Phi(X_l M_l^{1/2})$ (after feature map)"))
 COLORS = {"input": "#1f77b4", "projected": "#d62728", "features": "#2ca02c"}
 MARKERS = {"input": "o", "projected": "s", "features": "^"}
@@ -46,6 +46,12 @@ def gram_subset(y: np.ndarray, per_class: int, seed: int = 0) -> np.ndarray:
     return np.concatenate(picks)
 
 
+def short_name(dataset: str) -> str:
+    """A dataset's name for a plot title: the file name without its folder and suffix for a path."""
+    name = str(dataset)
+    return Path(name).stem if (name.endswith(".npz") or "/" in name or "\\" in name) else name
+
+
 def plot_collapse(runs: dict[str, Sequence[dict]], path: str | Path, *, title: Optional[str] = None) -> Path:
     """NC1 (top row) and NC2 (bottom row) per layer at the three points of each layer, log scale.
 
@@ -60,10 +66,19 @@ def plot_collapse(runs: dict[str, Sequence[dict]], path: str | Path, *, title: O
         layers = np.arange(1, len(metrics) + 1)
         for row, metric in enumerate(("nc1", "nc2")):
             ax = axes[row, col]
+            inputs = np.array([m[f"{metric}_input"] for m in metrics], dtype=float)
+            projected = np.array([m[f"{metric}_projected"] for m in metrics], dtype=float)
+            # The identity control has no projection (X_l M^1/2 = X_l): its line would only hide the input's.
+            identity = np.allclose(inputs, projected, rtol=1e-6, equal_nan=True)
             for point, label in POINTS:
+                if point == "projected" and identity:
+                    continue
                 values = np.array([m[f"{metric}_{point}"] for m in metrics], dtype=float)
                 ax.semilogy(layers, values, marker=MARKERS[point], color=COLORS[point], label=label, lw=1.8,
                             ms=5)
+            if identity and row == 0:
+                ax.text(0.02, 0.02, r"no projection: $X_l M_l^{1/2} = X_l$", transform=ax.transAxes, fontsize=8,
+                        color="0.35")
             ax.set_xticks(layers)
             ax.grid(True, which="major", alpha=0.4)
             ax.grid(True, which="minor", alpha=0.12)
@@ -73,7 +88,8 @@ def plot_collapse(runs: dict[str, Sequence[dict]], path: str | Path, *, title: O
             if col == 0:
                 ax.set_ylabel(r"NC1 = tr$(\Sigma_W)$ / tr$(\Sigma_B)$" if metric == "nc1"
                               else r"NC2 = mean$(\tilde\mu\tilde\mu^\top - E_{\mathrm{ETF}})^2$")
-    handles, labels = axes[0, 0].get_legend_handles_labels()
+    # The legend from the panel with the most lines (a control panel leaves out the projected one).
+    handles, labels = max((ax.get_legend_handles_labels() for ax in axes[0]), key=lambda hl: len(hl[1]))
     fig.legend(handles, labels, loc="lower center", ncol=3, fontsize=9, frameon=False)
     if title:
         fig.suptitle(title, fontsize=12)

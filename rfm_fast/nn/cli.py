@@ -85,8 +85,11 @@ def _write_csv(path: pathlib.Path, history: list[dict]) -> None:
 
 
 def _plots(out: pathlib.Path, history: list[dict], dataset: str) -> list[pathlib.Path]:
+    from ..plots import short_name
     from .collapse import LayerCollapse
     from .plots import plot_nc1_by_layer, plot_over_training
+
+    dataset = short_name(dataset)
 
     final = [LayerCollapse(**{**layer, "shape": tuple(layer["shape"])}) for layer in history[-1]["layers"]]
     epochs = [record["epoch"] for record in history]

@@ -40,8 +40,9 @@ def plot_nc1_by_layer(results: Sequence[LayerCollapse], path: str | pathlib.Path
                                         enumerate(results)])
     ax.set_ylabel("NC1 = tr(Sigma_W) / tr(Sigma_B)")
     ax.set_title(title or "NC1 at each layer: input, after the right singular step, after the nonlinearity")
-    ax.legend(fontsize=8, loc="lower left")
-    fig.savefig(path, dpi=120)
+    # Below the axes, so that no bar is covered.
+    ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=3, frameon=False)
+    fig.savefig(path, dpi=120, bbox_inches="tight")
 
 
 def plot_over_training(epochs: Sequence[int], per_layer: Sequence[Sequence[float]], path: str | pathlib.Path, *,
