@@ -47,13 +47,14 @@ class Problem:
 
 
 def tensor_or_array(name: str, value: Any) -> torch.Tensor:
-    """A torch tensor as it is, a numpy array as a tensor (a copy only when it is not contiguous); anything else
-    raises TypeError naming the argument (the solvers' and the sharded ops' inputs)."""
+    """The solvers' and the sharded ops' inputs: a torch tensor as it is, a numpy array as a tensor (a copy only
+    when it is not contiguous; integer arrays keep their dtype for the caller to cast), any other array-like (a
+    list, a pandas frame) through the ops' conversion (``_to_tensor``: float32 unless float64 was given)."""
     if isinstance(value, torch.Tensor):
         return value
-    if isinstance(value, np.ndarray):
+    if isinstance(value, np.ndarray) and value.dtype != object and not np.iscomplexobj(value):
         return torch.from_numpy(np.ascontiguousarray(value))
-    raise TypeError(f"{name} must be a numpy array or a torch tensor, got {type(value).__name__}")
+    return _to_tensor(name, value)
 
 
 def _to_tensor(name: str, value: Any) -> torch.Tensor:

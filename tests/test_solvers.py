@@ -213,3 +213,13 @@ def test_cg_progress_bar(capsys):
     X, Y, _ = _problem(7, n=60)
     krr_solve(X, Y, reg=1e-2, solver="cg", progress=True)
     assert "CG" in capsys.readouterr().err
+
+
+def test_solvers_take_lists_and_integer_arrays_like_the_ops():
+    gen = np.random.default_rng(7)
+    X = gen.integers(0, 5, size=(60, 4))
+    y = (X[:, 0] > 2).astype(float)
+    from_list = krr_solve(X.tolist(), y.tolist(), bandwidth=2.0)
+    from_int = krr_solve(X, y, bandwidth=2.0)
+    assert isinstance(from_list, np.ndarray) and from_list.shape == (60,)
+    assert np.allclose(from_list, from_int, rtol=1e-5, atol=1e-6)

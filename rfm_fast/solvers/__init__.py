@@ -94,7 +94,7 @@ def krr_solve(X: Any, Y: Any, *, kernel: str = "laplace", bandwidth: float = 1.0
     if isinstance(reg, bool) or not isinstance(reg, (int, float)) or not np.isfinite(reg) or reg < 0:
         raise ValueError(f"reg must be a finite number >= 0, got {reg!r}")
     reg = float(reg)
-    numpy_out = isinstance(X, np.ndarray)
+    numpy_out = not isinstance(X, torch.Tensor)  # numpy (and lists, frames) in, numpy out
     Xt = _as_tensor("X", X)
     solve_dtype = _resolve_dtype(dtype, Xt.dtype)
     Xt = Xt.to(solve_dtype)

@@ -51,7 +51,7 @@ from typing import Any, Optional
 import numpy as np
 import torch
 
-from .._validation import FLOAT_DTYPES, check_bandwidth, check_kernel
+from .._validation import FLOAT_DTYPES, check_bandwidth, check_kernel, tensor_or_array
 from ..core.geometry import reuse
 from ..ops.api import kernel_matrix
 from .cg import (ConvergenceError, LocalComm, default_max_iter, default_tol, float64_ops, iterate, progress_bar,
@@ -195,10 +195,8 @@ def check_solver_args(X: Any, Y: Any, kernel: Any, bandwidth: Any, M: Any, reg: 
     max_iter, rank, numpy_out)."""
     kernel = check_kernel(kernel)
     bandwidth = check_bandwidth(bandwidth)
-    numpy_out = isinstance(X, np.ndarray)
-    X = torch.from_numpy(np.ascontiguousarray(X)) if isinstance(X, np.ndarray) else X
-    if not isinstance(X, torch.Tensor):
-        raise TypeError(f"X must be a numpy array or a torch tensor, got {type(X).__name__}")
+    numpy_out = not isinstance(X, torch.Tensor)
+    X = tensor_or_array("X", X)  # lists and frames as float32; tensors and numpy arrays keep their dtype
     if X.dtype not in FLOAT_DTYPES:
         raise TypeError(f"X must be float32 or float64, got {X.dtype}")
     if X.ndim != 2 or X.shape[0] == 0:
