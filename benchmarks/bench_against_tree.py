@@ -17,7 +17,6 @@ import pathlib
 import statistics
 import subprocess
 import sys
-import time
 
 HERE = pathlib.Path(__file__).resolve().parents[1]
 
@@ -28,20 +27,15 @@ def child(tree: str, n: int, d: int, c: int, reps: int) -> dict:
     import torch
 
     import rfm_fast
-    from rfm_fast.bench import gemm_floor, make_problem
+    # The tree's own bench helpers (both trees have them): its problem, its floor and its median timer.
+    from rfm_fast.bench import _median_time, gemm_floor, make_problem
 
     if not rfm_fast.__file__.startswith(tree):
         raise RuntimeError(f"rfm_fast came from {rfm_fast.__file__}, not from {tree}")
     X, alpha = make_problem(n, d, c, "float32")
 
     def median(fn) -> float:
-        fn()
-        times = []
-        for _ in range(reps):
-            start = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - start)
-        return statistics.median(times)
+        return _median_time(fn, reps)
 
     floor = gemm_floor(X, c)
     out = {"tree": tree, "threads": torch.get_num_threads(), "floor": median(floor)}
