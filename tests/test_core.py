@@ -459,3 +459,27 @@ def test_kernel_spec_is_the_one_place_of_the_constants():
         assert torch.allclose(spec.values_(tile), k[1:])
     with pytest.raises(ValueError):
         KernelSpec("cauchy", 1.0)
+
+
+@pytest.mark.parametrize("backend", FAST)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_ops_leave_their_inputs_untouched(backend, dtype):
+    """No op writes into the caller's tensors, on every geometry path (plain, near-rank-1 M with directly formed
+    coordinates, clustered data with frames, x = centres and not): a float64 input is its own float64 copy, so
+    an in-place step on "the float64 coordinates" would otherwise change the caller's data."""
+    gen = _gen(21)
+    d = 64
+    centres = torch.randn(5, d, generator=gen, dtype=torch.float64)
+    X = (centres[torch.arange(200) % 5] + 1e-3 * torch.randn(200, d, generator=gen, dtype=torch.float64) + 3.0)
+    Z = X[:50] + 1e-4
+    alpha = torch.randn(200, 2, generator=gen, dtype=torch.float64)
+    w = torch.randn(d, 1, generator=gen, dtype=torch.float64)
+    for M in (None, w @ w.T + 1e-9 * torch.eye(d, dtype=torch.float64)):
+        inputs = [t.to(dtype) for t in (Z, X, alpha)] + [None if M is None else M.to(dtype)]
+        saved = [None if t is None else t.clone() for t in inputs]
+        Zt, Xt, at, Mt = inputs
+        for op in OPS:
+            for z in (Zt, Xt):
+                call(op, z, Xt, at, Mt, "laplace", 2.0, backend=backend)
+        for t, s in zip(inputs, saved):
+            assert t is None or torch.equal(t, s)
