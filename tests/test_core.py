@@ -396,6 +396,17 @@ def test_products_across_framed_and_unframed_components(backend):
     for op, zs, kw in (("kernel_grad", Z, {}), ("agop", X, {}), ("agop", Z, {}), ("agop", X, {"centered": True})):
         _check(op, zs, X, alpha, None, "laplace", 0.5, backend, **kw)
     _check("agop", X, X, alpha, None, "gaussian", 0.5, backend)
+    # The kernel matrix's backward (the one-sided schedule with pair weights) through the same products.
+    Zr, Xr = Z.float().double(), X.float().double()  # the float32 inputs, for the reference too
+    weights = torch.randn(Z.shape[0], X.shape[0], generator=gen, dtype=torch.float64)
+    grads = []
+    for dtype, name in ((torch.float64, "naive"), (torch.float32, backend)):
+        z, x = (t.to(dtype).detach().clone().requires_grad_(True) for t in (Zr, Xr))
+        K = rfm_fast.kernel_matrix(z, x, kernel="laplace", bandwidth=0.5, backend=name)
+        (K * weights.to(dtype)).sum().backward()
+        grads.append((z.grad.double(), x.grad.double()))
+    for got, want in zip(grads[1], grads[0]):
+        assert rel_fro(got, want) <= REL_FRO[torch.float32]
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
