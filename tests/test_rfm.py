@@ -177,3 +177,27 @@ def test_save_and_load_as_plain_data(tmp_path):
         RFM.load(tmp_path / "DeepRFM.pt")
     with pytest.raises(ValueError, match="not fitted"):
         RFM().save(tmp_path / "empty.pt")
+
+
+def test_rfm_on_nystrom_centres():
+    """RFM(solver="nystrom"): with every point a centre it is the exact RFM (float64); with m < n centres it still
+    learns the direction the target depends on, and predicts from its m centres."""
+    from rfm_fast import RFM
+
+    gen = np.random.default_rng(9)
+    X = gen.normal(size=(500, 8))
+    w = np.zeros(8)
+    w[2] = 1.0
+    y = np.tanh(2 * X @ w)
+    kw = dict(task="regression", iters=2, bandwidth=5.0, dtype="float64", random_state=0)
+    exact = RFM(solver="cholesky", **kw).fit(X, y)
+    full = RFM(solver="nystrom", centres=500, **kw).fit(X, y)
+    assert np.allclose(full.predict(X[:50]), exact.predict(X[:50]), rtol=1e-8, atol=1e-9)
+    small = RFM(solver="nystrom", centres=120, **kw).fit(X, y)
+    assert small.X_fit_.shape == (120, 8) and small.alpha_.shape[0] == 120
+    M = small.M_.numpy()
+    top = np.linalg.eigh(M)[1][:, -1]
+    assert abs(top @ w) > 0.95
+    assert small.score(X, y) > 0.9
+    with pytest.raises(ValueError, match="needs centres"):
+        RFM(solver="nystrom").fit(X, y)

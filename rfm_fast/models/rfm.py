@@ -37,7 +37,10 @@ class RFM(Persist, BaseEstimator):
         task: "classification" (one-hot targets, argmax prediction, accuracy score), "regression" (real targets,
             R^2 score), or "auto" (scikit-learn's ``type_of_target``: binary / multiclass -> classification).
         agop_samples: evaluate the AGOP at this many random training points (None: all).
-        solver: passed to :func:`rfm_fast.krr_solve` ("auto", "cholesky", "cg", "pcg").
+        solver: passed to :func:`rfm_fast.krr_solve` ("auto", "cholesky", "cg", "pcg", "nystrom").
+        centres: with solver="nystrom", the predictor's centres: an integer m (m training points drawn once with
+            ``random_state``, kept for every iteration) or their indices; the AGOP is then that of the Nystrom
+            predictor, and ``X_fit_`` holds the m centres.
         dtype: "float32" / "float64" / torch dtype (default float32). device: torch device (default: X's device
             for a torch X, else CPU). backend: passed to the ops. random_state: seed of the AGOP subsample.
         verbose: show the iterative solvers' progress bars (``krr_solve(progress=True)``, CG / PCG only).
@@ -60,7 +63,7 @@ class RFM(Persist, BaseEstimator):
                  diag: bool = False, centered: bool = False, normalize: Optional[str] = "max", task: str = "auto",
                  agop_samples: Optional[int] = None, solver: str = "auto", dtype: Any = None, device: Any = None,
                  backend: str = "auto", random_state: Optional[int] = None, verbose: bool = False,
-                 memory_budget: Optional[int | str] = None):
+                 memory_budget: Optional[int | str] = None, centres: Any = None):
         self.kernel = kernel
         self.bandwidth = bandwidth
         self.reg = reg
@@ -77,6 +80,7 @@ class RFM(Persist, BaseEstimator):
         self.random_state = random_state
         self.verbose = verbose
         self.memory_budget = memory_budget
+        self.centres = centres
 
     def _check_params(self) -> None:
         if self.task not in TASKS:
@@ -88,6 +92,9 @@ class RFM(Persist, BaseEstimator):
         if self.agop_samples is not None and (not isinstance(self.agop_samples, (int, np.integer))
                                               or self.agop_samples < 1):
             raise ValueError(f"agop_samples must be None or an integer >= 1, got {self.agop_samples!r}")
+        if (self.solver == "nystrom") != (self.centres is not None):
+            raise ValueError("centres= goes with solver='nystrom' (an integer m or the centres' indices), and "
+                             "solver='nystrom' needs centres=")
 
     def _targets(self, y: Any, n: int) -> torch.Tensor:
         if self.task_ == "classification":
@@ -123,13 +130,19 @@ class RFM(Persist, BaseEstimator):
         generator = torch.Generator().manual_seed(
             int(self.random_state) if self.random_state is not None else int(np.random.SeedSequence().entropy % 2**63))
 
-        self.X_fit_ = Xt
+        centre_idx = None
+        if self.solver == "nystrom":
+            from ..solvers.nystrom import choose_centres
+
+            centre_idx = choose_centres(n, self.centres, int(generator.initial_seed()) % 2**31, self.device_)
+        self.X_fit_ = Xt if centre_idx is None else Xt[centre_idx]
+        solve_kw = {} if centre_idx is None else {"centres": centre_idx}
         M: Optional[torch.Tensor] = None
         self.history_ = []
         best = None
         for iteration in range(self.iters + 1):
             alpha = krr_solve(Xt, Y, M=M, reg=self.reg, solver=self.solver, progress=bool(self.verbose),
-                              **self._kwargs())
+                              **solve_kw, **self._kwargs())
             self.M_, self.alpha_ = M, alpha
             record = {"iteration": iteration, "train_score": self.score(Xt, y)}
             if has_val:
@@ -143,7 +156,8 @@ class RFM(Persist, BaseEstimator):
             if self.agop_samples is not None and self.agop_samples < n:
                 idx = torch.randperm(n, generator=generator)[: self.agop_samples].to(self.device_)
                 points = Xt[idx]
-            G = agop(points, Xt, alpha, M=M, centered=bool(self.centered), diag=bool(self.diag), **self._kwargs())
+            G = agop(points, self.X_fit_, alpha, M=M, centered=bool(self.centered), diag=bool(self.diag),
+                     **self._kwargs())
             M = normalize_metric(symmetrize(G), self.normalize)
         if best is not None:
             _, self.M_, self.alpha_ = best

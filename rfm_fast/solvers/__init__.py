@@ -19,7 +19,7 @@ from .direct import SingularSystemError, cholesky_solve
 
 __all__ = ["krr_solve", "ConvergenceError", "SingularSystemError", "SOLVERS"]
 
-SOLVERS = ("auto", "cholesky", "cg", "pcg")
+SOLVERS = ("auto", "cholesky", "cg", "pcg", "nystrom")
 
 
 def _resolve_dtype(dtype: Any, default: torch.dtype) -> torch.dtype:
@@ -54,7 +54,8 @@ def choose_solver(n: int, dtype: torch.dtype, memory_budget: Optional[int | str]
 def krr_solve(X: Any, Y: Any, *, kernel: str = "laplace", bandwidth: float = 1.0, M: Any = None, reg: float = 1e-3,
               solver: str = "auto", tol: Optional[float] = None, max_iter: Optional[int] = None,
               backend: str = "auto", dtype: Any = None, memory_budget: Optional[int | str] = None,
-              rank: Optional[int] = None, seed: int = 0, return_info: bool = False, progress: bool = False) -> Any:
+              rank: Optional[int] = None, seed: int = 0, return_info: bool = False, progress: bool = False,
+              centres: Any = None) -> Any:
     """Kernel ridge regression coefficients alpha = (K(X, X) + reg I)^{-1} Y.
 
     Args:
@@ -72,7 +73,14 @@ def krr_solve(X: Any, Y: Any, *, kernel: str = "laplace", bandwidth: float = 1.0
             refinement). max_iter: iteration cap of CG / PCG (default min(max(2 n, 100), 10000)).
         backend: passed to the ops. dtype: the solve dtype (torch.float32/float64 or their names; default X's
             dtype): float64 makes Cholesky robust for ill-conditioned K. memory_budget: bytes or "256MB".
-        rank, seed: Nystrom rank and sampling seed of "pcg".
+        rank, seed: Nystrom rank and sampling seed of "pcg" (seed also samples the centres of "nystrom").
+        centres: for solver="nystrom" (a predictor on m << n centres, Falkon-style: ``rfm_fast.solvers.nystrom``),
+            an integer m (m of the points, sampled uniformly with ``seed``) or the indices of the centres. The
+            result is then alpha (m, c) for the centres X[info["centres"]] (sorted indices; ``return_info=True``
+            gives them), and ``tol`` bounds the relative residual of the normal equations
+            (K_nm^T K_nm + reg K_mm) alpha = K_nm^T Y (default 1e-3 with float32 products, whose rounding the
+            squared conditioning makes visible near 1e-4; 1e-8 in float64). With every point a centre it is
+            exact KRR.
         return_info: also return a dict {"solver", "iterations" (CG / PCG iterations, Cholesky refinement
             steps), "residual" (the true relative residual reached), "converged", ...}.
         progress: a tqdm bar with the residual for CG / PCG.
@@ -111,6 +119,9 @@ def krr_solve(X: Any, Y: Any, *, kernel: str = "laplace", bandwidth: float = 1.0
     if M is not None:
         M = _as_tensor("M", M).to(device=Xt.device, dtype=solve_dtype)
 
+    if (solver == "nystrom") != (centres is not None):
+        raise ValueError("centres= goes with solver='nystrom' (an integer m or the centres' indices), and "
+                         "solver='nystrom' needs centres=")
     chosen = choose_solver(Xt.shape[0], solve_dtype, memory_budget) if solver == "auto" else solver
     common = dict(kernel=kernel, bandwidth=bandwidth, M=M, reg=reg, backend=backend)
     if chosen == "cholesky":
@@ -118,6 +129,15 @@ def krr_solve(X: Any, Y: Any, *, kernel: str = "laplace", bandwidth: float = 1.0
     elif chosen == "cg":
         alpha, info = cg_solve(Xt, Yt, tol=tol, max_iter=max_iter, memory_budget=memory_budget,
                                progress=progress, **common)
+    elif chosen == "nystrom":
+        from .nystrom import choose_centres, nystrom_solve
+
+        idx = choose_centres(Xt.shape[0], centres, seed, Xt.device)
+        # The normal equations square K's conditioning: float32 products verify their residual to ~1e-4 only.
+        nys_tol = tol if tol is not None else (1e-3 if solve_dtype == torch.float32 else default_tol(solve_dtype))
+        alpha, info = nystrom_solve(Xt, Yt, idx, tol=nys_tol,
+                                    max_iter=max_iter if max_iter is not None else default_max_iter(idx.numel()),
+                                    memory_budget=memory_budget, **common)
     else:
         module = _preconditioned()
         if module is None:
