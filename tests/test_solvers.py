@@ -254,3 +254,5 @@ def test_nystrom_converges_to_exact_krr_and_improves_with_m():
         krr_solve(X, Y, centres=10)
     with pytest.raises(ValueError, match="distinct"):
         krr_solve(X, Y, solver="nystrom", centres=[1, 1, 2])
+    _, info = krr_solve(X, Y, solver="nystrom", centres=np.int64(30), return_info=True)  # a numpy integer is m
+    assert info["centres"].numel() == 30

@@ -18,8 +18,10 @@ L and R are m x m float64 matrices (3 m^2 doubles: 2.4 GB at m = 10^4).
 
 from __future__ import annotations
 
+import numbers
 from typing import Any, Optional
 
+import numpy as np
 import torch
 
 from .cg import ConvergenceError
@@ -30,7 +32,7 @@ def choose_centres(n: int, centres: Any, seed: int, device: torch.device) -> tor
     seeded) or a sequence / tensor of distinct indices."""
     if isinstance(centres, bool):
         raise TypeError("centres must be an integer m or a sequence of indices, got a bool")
-    if isinstance(centres, int) or (isinstance(centres, torch.Tensor) and centres.ndim == 0):
+    if isinstance(centres, numbers.Integral) or (isinstance(centres, (torch.Tensor, np.ndarray)) and centres.ndim == 0):
         m = int(centres)
         if not 1 <= m <= n:
             raise ValueError(f"centres must be between 1 and n = {n}, got {m}")
