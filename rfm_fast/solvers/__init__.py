@@ -137,7 +137,7 @@ def krr_solve(X: Any, Y: Any, *, kernel: str = "laplace", bandwidth: float = 1.0
         nys_tol = tol if tol is not None else (1e-3 if solve_dtype == torch.float32 else default_tol(solve_dtype))
         alpha, info = nystrom_solve(Xt, Yt, idx, tol=nys_tol,
                                     max_iter=max_iter if max_iter is not None else default_max_iter(idx.numel()),
-                                    memory_budget=memory_budget, **common)
+                                    memory_budget=memory_budget, progress=progress, **common)
     else:
         module = _preconditioned()
         if module is None:

@@ -24,7 +24,8 @@ from typing import Any, Optional
 import numpy as np
 import torch
 
-from .cg import ConvergenceError
+from .cg import ConvergenceError, LocalComm, failure_message, float64_ops, iterate, progress_bar
+from .preconditioned import sample_centres
 
 
 def choose_centres(n: int, centres: Any, seed: int, device: torch.device) -> torch.Tensor:
@@ -36,8 +37,7 @@ def choose_centres(n: int, centres: Any, seed: int, device: torch.device) -> tor
         m = int(centres)
         if not 1 <= m <= n:
             raise ValueError(f"centres must be between 1 and n = {n}, got {m}")
-        gen = torch.Generator().manual_seed(int(seed))
-        idx = torch.randperm(n, generator=gen)[:m]
+        return sample_centres(n, m, seed).to(device)
     else:
         idx = torch.as_tensor(centres, dtype=torch.long).flatten().cpu()
         if idx.numel() == 0 or int(idx.min()) < 0 or int(idx.max()) >= n:
@@ -48,7 +48,7 @@ def choose_centres(n: int, centres: Any, seed: int, device: torch.device) -> tor
 
 
 def _cholesky(A: torch.Tensor, what: str) -> torch.Tensor:
-    """Lower Cholesky factor of a symmetric PSD A, adding jitter (from m * eps * trace / m up) when A is
+    """Lower Cholesky factor of a symmetric PSD A, adding jitter (from m eps times its mean diagonal up) when A is
     numerically singular (duplicated or nearly equal centres)."""
     m = A.shape[0]
     scale = float(torch.diagonal(A).mean()) if m else 1.0
@@ -64,82 +64,55 @@ def _cholesky(A: torch.Tensor, what: str) -> torch.Tensor:
 
 def nystrom_solve(X: torch.Tensor, Y: torch.Tensor, idx: torch.Tensor, *, kernel: str, bandwidth: float,
                   M: Optional[Any], reg: float, tol: float, max_iter: int, backend: str = "auto",
-                  memory_budget: Optional[int | str] = None) -> tuple[torch.Tensor, dict]:
+                  memory_budget: Optional[int | str] = None, progress: bool = False) -> tuple[torch.Tensor, dict]:
     """alpha (m, c) float64 for the centres X[idx] (see the module docstring). X (n, d), Y (n, c) of one dtype and
-    device. info: {"iterations", "residual" (relative residual ||b - H alpha|| / ||b|| of the normal equations,
-    max over columns, recomputed at the end), "converged", "centres": idx, "jitter"}. Raises ConvergenceError
-    when ``tol`` is not reached within ``max_iter`` iterations."""
+    device. The iteration is the solvers' preconditioned CG (``rfm_fast.solvers.cg.iterate``: float64 vectors,
+    restarts from the true residual of the normal equations, formed with float64 products) with P^-1 = B B^T.
+    info: {"iterations", "residual" (relative residual ||b - H alpha|| / ||b||, max over columns), "converged",
+    "restarts", "stalled", "centres": idx}. Raises ConvergenceError when ``tol`` is not reached within
+    ``max_iter`` iterations."""
     from ..ops.api import kernel_matrix, kernel_mv
 
     n, m = X.shape[0], idx.numel()
-    C = X[idx]
     ops = dict(kernel=kernel, bandwidth=bandwidth, M=M, backend=backend, memory_budget=memory_budget)
-    dt = X.dtype
-
-    def knm(v: torch.Tensor) -> torch.Tensor:  # (m, c) -> (n, c): K_nm v
-        return kernel_mv(X, C, v.to(dt), **ops).double()
-
-    def kmn(u: torch.Tensor) -> torch.Tensor:  # (n, c) -> (m, c): K_nm^T u
-        return kernel_mv(C, X, u.to(dt), **ops).double()
-
-    M64 = None if M is None else (M.double() if isinstance(M, torch.Tensor) else M)
-    Kmm = kernel_matrix(C.double(), C.double(), kernel=kernel, bandwidth=bandwidth, M=M64, backend=backend,
-                        memory_budget=memory_budget)
+    ops64 = float64_ops(ops, X.dtype)
+    X64 = X.to(torch.float64)
+    C, C64 = X[idx], X64[idx]
+    Kmm = kernel_matrix(C64, C64, **ops64)
     Kmm = 0.5 * (Kmm + Kmm.T)
     L = _cholesky(Kmm, "K_mm")
     eye = torch.eye(m, dtype=torch.float64, device=X.device)
     R = _cholesky((n / m) * (L.T @ L) + reg * eye, "n/m L^T L + reg I")
 
-    def B(v):  # L^-T R^-T v
-        w = torch.linalg.solve_triangular(R.T, v, upper=True)
-        return torch.linalg.solve_triangular(L.T, w, upper=True)
+    class FalkonPreconditioner:
+        """P^-1 v = B B^T v, B = L^-T R^-T (the module docstring)."""
 
-    def Bt(v):  # R^-1 L^-1 v
-        w = torch.linalg.solve_triangular(L, v, upper=False)
-        return torch.linalg.solve_triangular(R, w, upper=False)
+        rank = m
 
-    def H(a):
-        return kmn(knm(a)) + reg * (Kmm @ a)
+        @staticmethod
+        def apply(v: torch.Tensor) -> torch.Tensor:
+            w = torch.linalg.solve_triangular(R, torch.linalg.solve_triangular(L, v, upper=False), upper=False)
+            return torch.linalg.solve_triangular(L.T, torch.linalg.solve_triangular(R.T, w, upper=True), upper=True)
 
-    def pcg(rhs: torch.Tensor, budget: int, inner_tol: float) -> tuple[torch.Tensor, int]:
-        """CG on B^T H B beta = rhs to a relative residual inner_tol (or ``budget`` iterations)."""
-        beta = torch.zeros_like(rhs)
-        r = rhs.clone()
-        p = r.clone()
-        rr = (r * r).sum(0)
-        rhs_norm = rhs.norm(dim=0).clamp_min(1e-300)
-        done = 0
-        for done in range(1, budget + 1):
-            Ap = Bt(H(B(p)))
-            pAp = (p * Ap).sum(0)
-            step = torch.where(pAp > 0, rr / pAp.clamp_min(1e-300), torch.zeros_like(rr))
-            beta += step * p
-            r -= step * Ap
-            rr_new = (r * r).sum(0)
-            if float((rr_new.sqrt() / rhs_norm).max()) <= inner_tol:
-                break
-            p = r + (rr_new / rr.clamp_min(1e-300)) * p
-            rr = rr_new
-        return beta, done
+    def normal_products(points: torch.Tensor, centres: torch.Tensor, ops_: dict):
+        """a (m, c) float64 -> H a = K_nm^T K_nm a + reg K_mm a, the kernel products in ``points``' dtype."""
+        def apply(a: torch.Tensor) -> torch.Tensor:
+            inner = kernel_mv(points, centres, a.to(points.dtype), **ops_)
+            return kernel_mv(centres, points, inner, **ops_).to(torch.float64) + reg * (Kmm @ a)
+        return apply
 
-    # Iterative refinement: each round solves for the correction of the float64 residual b - H alpha, so the
-    # float32 products' rounding does not cap the accuracy of alpha.
-    b = kmn(Y.double())
-    bnorm = b.norm(dim=0).clamp_min(1e-300)
-    alpha = torch.zeros(m, Y.shape[1], dtype=torch.float64, device=X.device)
-    iterations, residual, previous = 0, float("inf"), float("inf")
-    while True:
-        resid = b - H(alpha)
-        residual = float((resid.norm(dim=0) / bnorm).max())
-        if residual <= tol or iterations >= max_iter or residual > 0.5 * previous:
-            break
-        previous = residual
-        delta, done = pcg(Bt(resid), max_iter - iterations, max(1e-3, tol / residual))
-        alpha = alpha + B(delta)
-        iterations += done
-    info = {"iterations": iterations, "residual": residual, "converged": residual <= tol, "centres": idx}
+    apply_A = normal_products(X, C, ops)
+    apply_exact = apply_A if X.dtype == torch.float64 else normal_products(X64, C64, ops64)
+    b = kernel_mv(C64, X64, Y.to(torch.float64), **ops64)  # K_nm^T Y
+    bar = progress_bar(progress, max_iter, "Nystrom")
+    try:
+        alpha, info = iterate(apply_A, apply_exact, FalkonPreconditioner(), b, LocalComm(), tol=tol,
+                              max_iter=max_iter, bar=bar, what="Nystrom CG")
+    finally:
+        if bar is not None:
+            bar.close()
+    info["centres"] = idx
     if not info["converged"]:
-        raise ConvergenceError(f"Nystrom CG reached a relative residual {residual:.3g} of the normal equations "
-                               f"after {iterations} iterations, above tol = {tol:g}: raise max_iter or tol, or use "
-                               "more centres", iterations=iterations, residual=residual)
+        raise ConvergenceError(failure_message("Nystrom CG", info, tol, max_iter, X.dtype) + " (or use more centres)",
+                               iterations=info["iterations"], residual=info["residual"])
     return alpha, info
