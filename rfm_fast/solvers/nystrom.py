@@ -67,7 +67,8 @@ def nystrom_solve(X: torch.Tensor, Y: torch.Tensor, idx: torch.Tensor, *, kernel
                   memory_budget: Optional[int | str] = None, progress: bool = False) -> tuple[torch.Tensor, dict]:
     """alpha (m, c) float64 for the centres X[idx] (see the module docstring). X (n, d), Y (n, c) of one dtype and
     device. The iteration is the solvers' preconditioned CG (``rfm_fast.solvers.cg.iterate``: float64 vectors,
-    restarts from the true residual of the normal equations, formed with float64 products) with P^-1 = B B^T.
+    restarts from the residual of the normal equations recomputed with the same products) with P^-1 = B B^T.
+    (The ridge solvers recompute theirs with float64 products; here that would hold a float64 copy of X.)
     info: {"iterations", "residual" (relative residual ||b - H alpha|| / ||b||, max over columns), "converged",
     "restarts", "stalled", "centres": idx}. Raises ConvergenceError when ``tol`` is not reached within
     ``max_iter`` iterations."""
@@ -75,10 +76,9 @@ def nystrom_solve(X: torch.Tensor, Y: torch.Tensor, idx: torch.Tensor, *, kernel
 
     n, m = X.shape[0], idx.numel()
     ops = dict(kernel=kernel, bandwidth=bandwidth, M=M, backend=backend, memory_budget=memory_budget)
-    ops64 = float64_ops(ops, X.dtype)
-    X64 = X.to(torch.float64)
-    C, C64 = X[idx], X64[idx]
-    Kmm = kernel_matrix(C64, C64, **ops64)
+    C = X[idx]
+    C64 = C.to(torch.float64)
+    Kmm = kernel_matrix(C64, C64, **float64_ops(ops, X.dtype))
     Kmm = 0.5 * (Kmm + Kmm.T)
     L = _cholesky(Kmm, "K_mm")
     eye = torch.eye(m, dtype=torch.float64, device=X.device)
@@ -94,19 +94,15 @@ def nystrom_solve(X: torch.Tensor, Y: torch.Tensor, idx: torch.Tensor, *, kernel
             w = torch.linalg.solve_triangular(R, torch.linalg.solve_triangular(L, v, upper=False), upper=False)
             return torch.linalg.solve_triangular(L.T, torch.linalg.solve_triangular(R.T, w, upper=True), upper=True)
 
-    def normal_products(points: torch.Tensor, centres: torch.Tensor, ops_: dict):
-        """a (m, c) float64 -> H a = K_nm^T K_nm a + reg K_mm a, the kernel products in ``points``' dtype."""
-        def apply(a: torch.Tensor) -> torch.Tensor:
-            inner = kernel_mv(points, centres, a.to(points.dtype), **ops_)
-            return kernel_mv(centres, points, inner, **ops_).to(torch.float64) + reg * (Kmm @ a)
-        return apply
+    def apply_H(a: torch.Tensor) -> torch.Tensor:
+        """a (m, c) float64 -> H a = K_nm^T K_nm a + reg K_mm a, the kernel products in X's dtype."""
+        inner = kernel_mv(X, C, a.to(X.dtype), **ops)
+        return kernel_mv(C, X, inner, **ops).to(torch.float64) + reg * (Kmm @ a)
 
-    apply_A = normal_products(X, C, ops)
-    apply_exact = apply_A if X.dtype == torch.float64 else normal_products(X64, C64, ops64)
-    b = kernel_mv(C64, X64, Y.to(torch.float64), **ops64)  # K_nm^T Y
+    b = kernel_mv(C, X, Y.to(X.dtype), **ops).to(torch.float64)  # K_nm^T Y
     bar = progress_bar(progress, max_iter, "Nystrom")
     try:
-        alpha, info = iterate(apply_A, apply_exact, FalkonPreconditioner(), b, LocalComm(), tol=tol,
+        alpha, info = iterate(apply_H, apply_H, FalkonPreconditioner(), b, LocalComm(), tol=tol,
                               max_iter=max_iter, bar=bar, what="Nystrom CG")
     finally:
         if bar is not None:
