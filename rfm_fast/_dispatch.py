@@ -61,13 +61,16 @@ class Backend:
 
 
 _ALL = ("kernel_matrix", "kernel_mv", "kernel_grad", "agop")
+# K^T (K alpha) with each tile computed once (the Nystrom solver's product; private, through
+# ``rfm_fast.ops.api.kernel_normal_mv``): the backends on the core's tiles, and the reference.
+_TILES = _ALL + ("kernel_normal_mv",)
 REGISTRY: dict[str, Backend] = {
-    "torch": Backend("torch", _ALL),
-    "cpp": Backend("cpp", _ALL),
+    "torch": Backend("torch", _TILES),
+    "cpp": Backend("cpp", _TILES),
     "triton": Backend("triton", _ALL),
     "keops": Backend("keops", ("kernel_mv", "kernel_grad", "agop")),
     "cuda": Backend("cuda", ("kernel_mv", "kernel_grad", "agop")),
-    "naive": Backend("naive", _ALL, takes_budget=False),
+    "naive": Backend("naive", _TILES, takes_budget=False),
 }
 # The order of backend="auto" per device type, stated once. CPU: the compiled pass where the extension is built
 # (faster than the torch pass in every measured case, benchmarks/results/cpp_vs_torch.csv), else torch; KeOps was

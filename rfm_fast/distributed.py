@@ -15,6 +15,8 @@ How the work is split (docs/maths.md for the maths):
 - :func:`nystrom_pcg`: by rows. Every rank holds X (n, d) and Y whole (O(n (d + c)), small next to n^2); each
   owns the rows :func:`shard` gives it of every n-sized vector and of the Nystrom basis, gathers the search
   direction (n x c) for its rows of K p, and all-reduces the dot products. The solution is gathered on every rank.
+- :func:`nystrom_krr`: the Nystrom (Falkon-style) solve of ``krr_solve(solver="nystrom")`` by rows of K_nm:
+  each rank passes its own rows of X and Y and the same centres; the m-sized products are all-reduced.
 - :func:`fit_rfm`: the RFM loop of ``rfm_fast.RFM`` (solve, AGOP at the training points, M <- AGOP / its largest
   entry) on the two sharded pieces above; :func:`predict` splits test points. ``python -m rfm_fast.distributed``
   runs a fit under torchrun.
@@ -38,7 +40,8 @@ from .ops.api import kernel_mv as _kernel_mv
 from .solvers.cg import ConvergenceError
 from .solvers.preconditioned import check_solver_args, failure_message, pcg_rows
 
-__all__ = ["init", "shard", "all_gather_rows", "agop", "kernel_mv", "nystrom_pcg", "fit_rfm", "predict",
+__all__ = ["init", "shard", "all_gather_rows", "agop", "kernel_mv", "nystrom_pcg", "nystrom_krr", "fit_rfm",
+           "predict",
            "RankComm"]
 
 
@@ -228,9 +231,50 @@ def nystrom_pcg(X: Any, Y: Any, *, kernel: str = "laplace", bandwidth: float = 1
     return (alpha[:, 0] if squeeze else alpha), info
 
 
+def nystrom_krr(X: Any, Y: Any, centres: Any, *, kernel: str = "laplace", bandwidth: float = 1.0, M: Any = None,
+                reg: float = 1e-3, tol: Optional[float] = None, max_iter: Optional[int] = None,
+                backend: str = "auto", memory_budget: Any = None, progress: bool = False,
+                group=None) -> tuple[torch.Tensor, dict]:
+    """Nystrom kernel ridge regression (``krr_solve(solver="nystrom")``, ``rfm_fast.solvers.nystrom``) with the rows
+    of K_nm split across the ranks of ``group``.
+
+    X (n_r, d), Y (n_r, c) or (n_r,): this rank's rows (any sizes, n_r = 0 allowed; n = sum_r n_r >= 1). centres
+    (m, d): the same on every rank (e.g. the rows ``rfm_fast.solvers.nystrom.choose_centres`` picks of the whole
+    data). Per CG iteration each rank computes K_rm^T (K_rm a) on its rows and one all_reduce sums the (m, c)
+    products (and once K_rm^T Y_r); K_mm, the preconditioner's factors and the CG on m-vectors are computed alike
+    on every rank, so alpha is identical on all of them and equals the single-process solve up to the order of
+    floating-point sums. Defaults, info and errors as ``krr_solve(solver="nystrom")``. Returns (alpha (m, c) or
+    (m,) float64, info with "world_size") on every rank.
+    """
+    from .solvers.cg import default_max_iter
+    from .solvers.nystrom import default_nystrom_tol, solve_on_rows
+
+    _require(group)
+    X, Y, C = _as_tensor("X", X), _as_tensor("Y", Y), _as_tensor("centres", centres)
+    squeeze = Y.ndim == 1
+    Y = Y[:, None] if squeeze else Y
+    if X.ndim != 2 or C.ndim != 2 or C.shape[1] != X.shape[1] or C.shape[0] == 0:
+        raise ValueError(f"X must be (n_r, d) and centres (m >= 1, d), got {tuple(X.shape)} and {tuple(C.shape)}")
+    if Y.ndim != 2 or Y.shape[0] != X.shape[0]:
+        raise ValueError(f"Y must have shape (n_r,) or (n_r, c) with n_r = {X.shape[0]}, got {tuple(Y.shape)}")
+    C = C.to(device=X.device, dtype=X.dtype)
+    n = torch.tensor([X.shape[0]], dtype=torch.float64, device=X.device)
+    dist.all_reduce(n, group=group)
+    n = int(n.item())
+    if n == 0:
+        raise ValueError("X has no rows on any rank")
+    comm = RankComm(group, n)
+    tol = tol if tol is not None else default_nystrom_tol(X.dtype)
+    alpha, info = solve_on_rows(X, Y.to(X.dtype), C, n, comm, kernel=kernel, bandwidth=bandwidth, M=M, reg=reg,
+                                tol=tol, max_iter=max_iter if max_iter is not None else default_max_iter(C.shape[0]),
+                                backend=backend, memory_budget=memory_budget, progress=progress)
+    info["world_size"] = comm.world_size
+    return (alpha[:, 0] if squeeze else alpha), info
+
+
 def fit_rfm(X: Any, Y: Any, *, iters: int = 3, kernel: str = "laplace", bandwidth: float = 10.0, reg: float = 1e-3,
             diag: bool = False, centered: bool = False, tol: Optional[float] = None, rank: Optional[int] = None,
-            backend: str = "auto", seed: int = 0, progress: bool = False,
+            backend: str = "auto", seed: int = 0, progress: bool = False, centres: Any = None,
             group=None) -> tuple[torch.Tensor, Optional[torch.Tensor], list]:
     """Recursive Feature Machine fitted across ranks: ``iters`` rounds of alpha = (K_M + reg I)^{-1} Y by
     :func:`nystrom_pcg`, AGOP of the predictor at the training points by :func:`agop` (points split across ranks),
@@ -239,6 +283,9 @@ def fit_rfm(X: Any, Y: Any, *, iters: int = 3, kernel: str = "laplace", bandwidt
 
     X (n, d), Y (n, c): the same on every rank. Returns (alpha (n, c), M ((d, d), (d,) with diag=True, or None
     when iters = 0), history: the solver's info dict of every solve), identical on every rank.
+    centres (an integer m or indices, as ``rfm_fast.RFM(solver="nystrom", centres=...)``): solve by
+    :func:`nystrom_krr` instead, each rank on its rows of X; alpha is then (m, c) for the centres
+    X[history[0]["centres"]] (drawn once with ``seed``), e.g. ``predict(X_test, X[idx], alpha, ...)``.
     """
     rank_id, world = _require(group)
     X, Y = _as_tensor("X", X), _as_tensor("Y", Y)
@@ -247,13 +294,23 @@ def fit_rfm(X: Any, Y: Any, *, iters: int = 3, kernel: str = "laplace", bandwidt
     M = None
     history = []
     part = shard(X.shape[0], rank=rank_id, world_size=world)
+    idx = None
+    if centres is not None:
+        from .solvers.nystrom import choose_centres
+
+        idx = choose_centres(X.shape[0], centres, seed, X.device)
     for iteration in range(iters + 1):
-        alpha, info = nystrom_pcg(X, Y, kernel=kernel, bandwidth=bandwidth, M=M, reg=reg, tol=tol, rank=rank,
-                                  backend=backend, seed=seed, progress=progress, group=group)
+        if idx is None:
+            alpha, info = nystrom_pcg(X, Y, kernel=kernel, bandwidth=bandwidth, M=M, reg=reg, tol=tol, rank=rank,
+                                      backend=backend, seed=seed, progress=progress, group=group)
+        else:
+            alpha, info = nystrom_krr(X[part], Y[part], X[idx], kernel=kernel, bandwidth=bandwidth, M=M, reg=reg,
+                                      tol=tol, backend=backend, progress=progress, group=group)
+            info["centres"] = idx
         history.append(info)
         if iteration == iters:
             break
-        G = agop(X[part], X, alpha, kernel=kernel, bandwidth=bandwidth, M=M, centered=centered, diag=diag,
+        G = agop(X[part], X if idx is None else X[idx], alpha, kernel=kernel, bandwidth=bandwidth, M=M, centered=centered, diag=diag,
                  backend=backend, group=group)
         G = G if diag else 0.5 * (G + G.T)
         top = float(G.max())

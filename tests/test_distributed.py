@@ -47,6 +47,7 @@ AGOP_CASES = {
 }
 SOLVE = dict(kernel="laplace", bandwidth=2.0, reg=1e-3, rank=40, seed=3, backend="torch")
 RFM = dict(kernel="laplace", bandwidth=2.0, reg=1e-3, rank=40, backend="torch")
+NYSTROM = dict(kernel="laplace", bandwidth=2.0, reg=1e-3, backend="torch")
 
 
 def _agop_args(p: dict, case: dict) -> dict:
@@ -75,6 +76,15 @@ def worker(out_dir: str) -> None:
     out["pcg64"], out["pcg64_info"] = alpha, info
     alpha, info = rd.nystrom_pcg(p["X"].float(), p["Y"].float(), tol=1e-4, **SOLVE)
     out["pcg32"], out["pcg32_info"] = alpha, info
+    rows = slice(0, 100) if rank == 0 else slice(100, N_SOLVE)  # uneven rows of K_nm
+    idx = torch.arange(0, N_SOLVE, 3)
+    alpha, info = rd.nystrom_krr(p["X"][rows], p["Y"][rows], p["X"][idx], tol=1e-12, **NYSTROM)
+    out["nystrom64"], out["nystrom64_info"] = alpha, info
+    mine = slice(0, N_SOLVE) if rank == 0 else slice(0, 0)  # all rows on one rank, none on the other
+    out["nystrom64_lopsided"], _ = rd.nystrom_krr(p["X"][mine], p["Y"][mine], p["X"][idx], tol=1e-12, **NYSTROM)
+    alpha, M, history = rd.fit_rfm(p["X"], p["Y"], iters=1, tol=1e-12, centres=60, seed=4, **RFM)
+    out["rfm_nystrom_M"], out["rfm_nystrom_alpha"] = M, alpha
+    out["rfm_nystrom_centres"] = history[0]["centres"]
     alpha, M, history = rd.fit_rfm(p["X"], p["Y"], iters=1, tol=1e-12, **RFM)
     out["rfm_M"], out["rfm_pred"] = M, rd.predict(p["x"], p["X"], alpha, kernel="laplace", bandwidth=2.0, M=M,
                                                   backend="torch")
@@ -159,3 +169,22 @@ else:
         for r in ranks:
             assert rel_fro(r["rfm_M"], model.M_) <= 1e-8
             assert rel_fro(r["rfm_pred"], ref_pred) <= 1e-8
+
+    def test_sharded_nystrom_equals_the_single_process_solve(ranks, problem):
+        """Rows of K_nm split 100 / 200 and 300 / 0 across the ranks: float64 alpha equal to 1e-10."""
+        alpha, info = rfm_fast.krr_solve(problem["X"], problem["Y"], solver="nystrom",
+                                         centres=torch.arange(0, N_SOLVE, 3), tol=1e-12, return_info=True, **NYSTROM)
+        for r in ranks:
+            assert r["nystrom64_info"]["converged"] and r["nystrom64_info"]["world_size"] == 2
+            assert rel_fro(r["nystrom64"], alpha) <= 1e-10
+            assert rel_fro(r["nystrom64_lopsided"], alpha) <= 1e-10
+        assert torch.equal(ranks[0]["nystrom64"], ranks[1]["nystrom64"])
+
+    def test_sharded_nystrom_rfm_matches_the_estimator(ranks, problem):
+        model = rfm_fast.RFM(solver="nystrom", centres=60, random_state=4, iters=1, task="regression",
+                             dtype="float64", kernel="laplace", bandwidth=2.0, reg=1e-3, backend="torch")
+        model.fit(problem["X"], problem["Y"])
+        for r in ranks:
+            assert torch.equal(problem["X"][r["rfm_nystrom_centres"]], model.X_fit_)
+            assert rel_fro(r["rfm_nystrom_M"], model.M_) <= 1e-8
+            assert rel_fro(r["rfm_nystrom_alpha"], model.alpha_) <= 1e-8

@@ -256,3 +256,102 @@ def test_nystrom_converges_to_exact_krr_and_improves_with_m():
         krr_solve(X, Y, solver="nystrom", centres=[1, 1, 2])
     _, info = krr_solve(X, Y, solver="nystrom", centres=np.int64(30), return_info=True)  # a numpy integer is m
     assert info["centres"].numel() == 30
+
+
+@pytest.mark.parametrize("backend", [b for b in rfm_fast.available_backends("cpu") if b in ("torch", "cpp")])
+@pytest.mark.parametrize("kernel", ["laplace", "gaussian"])
+def test_normal_equations_product_matches_two_mat_vecs(backend, kernel):
+    """kernel_normal_mv (each tile once, float64 sums over row blocks) equals K^T (K alpha) from float64 explicit
+    kernels: framed clusters (the core permutes both point sets), a low-rank metric, a small budget (many row
+    blocks), and a rank-0 metric (every kernel value 1)."""
+    from rfm_fast.ops.api import kernel_normal_mv
+
+    gen = torch.Generator().manual_seed(3)
+    X = torch.randn(700, 12, generator=gen, dtype=torch.float64)
+    X[:300] = 5 + 1e-3 * X[:300]  # a tight cluster far out: frames
+    C = X[torch.randperm(700, generator=gen)[:90]]
+    alpha = torch.randn(90, 3, generator=gen, dtype=torch.float64)
+    B = torch.randn(12, 2, generator=gen, dtype=torch.float64)
+    for M in (None, B @ B.T, torch.zeros(12, 12, dtype=torch.float64)):
+        K = naive_kernel_matrix.kernel_matrix(X, C, M, kernel, 2.0)
+        want = K.T @ (K @ alpha)
+        got = kernel_normal_mv(X.float(), C.float(), alpha.float(), kernel=kernel, bandwidth=2.0,
+                               M=None if M is None else M.float(), backend=backend, memory_budget="1MB")
+        assert got.dtype == torch.float64 and got.shape == (90, 3)
+        assert float((got - want).norm() / want.norm()) <= 2e-6
+    with pytest.raises(RuntimeError, match="not differentiable"):
+        kernel_normal_mv(X.requires_grad_(), C, alpha)
+
+
+def test_nystrom_factors_in_place_and_free_on_return(monkeypatch):
+    """The Falkon factors: the in-place LAPACK Cholesky equals torch's, restores its input when it fails (then
+    the jitter path succeeds on duplicated centres); lauum's L^T L equals the dense product in the lower
+    triangle; and the preconditioner (two m x m factors) is freed when the solve returns, without the garbage
+    collector (a class defined inside the solve kept them in a reference cycle)."""
+    import gc
+    import weakref
+
+    from rfm_fast.solvers import nystrom
+
+    gen = torch.Generator().manual_seed(5)
+    A = torch.randn(60, 60, generator=gen, dtype=torch.float64)
+    S = A @ A.T + 60 * torch.eye(60, dtype=torch.float64)
+    L = nystrom._potrf(S.clone())
+    assert torch.allclose(L, torch.linalg.cholesky(S), rtol=0, atol=1e-12) and bool((L.triu(1) == 0).all())
+    T = nystrom._lower_gram(L)
+    assert torch.allclose(torch.tril(T), torch.tril(L.T @ L), rtol=1e-13, atol=1e-10)
+    bad = S.clone()
+    bad[5, 5] = -1.0
+    kept = bad.clone()
+    assert nystrom._potrf(bad) is None and torch.equal(bad, kept)  # restored exactly
+    X = torch.randn(50, 3, generator=gen, dtype=torch.float64)
+    Kmm = naive_kernel_matrix.kernel_matrix(X[[0, 0, 1, 2]], X[[0, 0, 1, 2]], None, "gaussian", 1.0)
+    L = nystrom._cholesky(Kmm.clone(), "K_mm")  # a duplicated centre: singular, factored with jitter
+    assert float((L @ L.T - Kmm).abs().max()) <= 1e-10
+
+    seen = []
+    original = nystrom._cholesky
+
+    def spy(*args, **kw):
+        factor = original(*args, **kw)
+        seen.append(weakref.ref(factor))
+        return factor
+
+    monkeypatch.setattr(nystrom, "_cholesky", spy)
+    Y = torch.randn(50, 2, generator=gen, dtype=torch.float64)
+    gc.disable()
+    try:
+        krr_solve(X, Y, bandwidth=2.0, reg=1e-3, solver="nystrom", centres=20)
+        assert len(seen) == 2 and all(ref() is None for ref in seen)
+    finally:
+        gc.enable()
+
+
+def test_nystrom_float32_refines_with_float64_residuals():
+    """float32 products measure H a only to ~eps32 ||H|| ||a|| (5e-5 of ||b|| here): restarts from a residual
+    formed with those products stalled there (at n = 1e6 an RFM fit stopped at 5e-3 > tol = 1e-3). With float64
+    residuals (X converted a chunk at a time) CG on float32 products refines to 1e-6, checked independently."""
+    from rfm_fast.solvers import nystrom
+
+    g = np.random.default_rng(0)
+    X = g.normal(size=(4000, 64)).astype(np.float32)
+    W = np.linalg.qr(g.normal(size=(64, 2)))[0]
+    Z = X @ W
+    y = np.digitize(np.arctan2(Z[:, 1], Z[:, 0]), np.linspace(-np.pi, np.pi, 11)[1:-1])
+    Y = torch.nn.functional.one_hot(torch.from_numpy(y), 10).float()
+    M = torch.from_numpy(W @ W.T).float() + 1e-2 * torch.eye(64)
+    X = torch.from_numpy(X)
+    kw = dict(kernel="laplace", bandwidth=10.0, M=M, reg=1e-6, solver="nystrom", centres=400, tol=1e-6)
+    old_chunk = nystrom.EXACT_CHUNK
+    nystrom.EXACT_CHUNK = 1000  # several chunks
+    try:
+        alpha, info = krr_solve(X, Y, return_info=True, **kw)
+    finally:
+        nystrom.EXACT_CHUNK = old_chunk
+    assert info["converged"] and info["restarts"] >= 1
+    X64, C64 = X.double(), X.double()[info["centres"]]
+    Knm = naive_kernel_matrix.kernel_matrix(X64, C64, M.double(), "laplace", 10.0)
+    Kmm = naive_kernel_matrix.kernel_matrix(C64, C64, M.double(), "laplace", 10.0)
+    b = Knm.T @ Y.double()
+    resid = (b - Knm.T @ (Knm @ alpha) - 1e-6 * (Kmm @ alpha)).norm(dim=0) / b.norm(dim=0)
+    assert float(resid.max()) <= 2e-6

@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 
 from .geometry import Geometry
-from .plan import plan_symmetric, plan_tiles, strip_rows
+from .plan import TilePlan, plan_symmetric, plan_tiles, strip_rows
 from .tiles import TileEvaluator
 
 
@@ -80,3 +80,42 @@ def kernel_matrix(geom: Geometry, evaluator: TileEvaluator, budget: int) -> torc
         evaluator.evaluate(rows, cols, out[rows], gradient=False,
                            direct=[b[:R * n].view(R, n) for b in direct_buf])
     return out
+
+
+def kernel_normal_mv(geom: Geometry, alpha: torch.Tensor, evaluator: TileEvaluator, budget: int) -> torch.Tensor:
+    """(n, c) float64 = K^T (K alpha), K = K(z, x) (m, n), in the permuted order of the centres (alpha (n, c)
+    permuted like them): the normal-equations product of a Nystrom solve (z the m data points, x the n centres).
+
+    Each tile is computed once and used twice. A row block of z is held whole across the centres, as contiguous
+    column tiles: u = K_rows alpha accumulates while each tile is in cache, then out += K_rows^T u once u is
+    complete. The per-block products are summed over row blocks in float64."""
+    m, n, c, k = geom.m, geom.n, alpha.shape[1], min(1, geom.kdir)
+    item = alpha.element_size()
+    dev, dt = alpha.device, alpha.dtype
+    alpha_t = alpha.T.contiguous()
+    out_t = torch.zeros(c, n, dtype=torch.float64, device=dev)
+    part_t = torch.empty(c, n, dtype=dt, device=dev)
+    plan = plan_tiles(m, n, budget - (3 * n + n) * c * item, per_row=(2 * c + k * min(n, 2048)) * item,
+                      per_cell=item, device=dev, preferred=(strip_rows(dev), n), minimum=(1, n),
+                      what="a full-width row block of the normal-equations product")
+    col_blocks = list(TilePlan(rows=plan.rows, cols=min(n, 2048)).col_blocks(n))
+    buf = torch.empty(plan.rows * n, dtype=dt, device=dev)
+    direct_buf = [torch.empty(plan.rows * min(n, 2048), dtype=dt, device=dev) for _ in range(k)]
+    u_t = torch.empty(c, plan.rows, dtype=dt, device=dev)
+    for rows in plan.row_blocks(m):
+        R = rows.stop - rows.start
+        u = u_t[:, :R]
+        tiles = []
+        for j, cols in enumerate(col_blocks):
+            size = R * (cols.stop - cols.start)
+            tile = buf[cols.start * R:cols.start * R + size].view(R, -1)
+            evaluator.evaluate(rows, cols, tile, gradient=False, direct=[b[:size].view(R, -1) for b in direct_buf])
+            if j == 0:
+                torch.mm(alpha_t[:, cols], tile.T, out=u)
+            else:
+                u.addmm_(alpha_t[:, cols], tile.T)
+            tiles.append(tile)
+        for cols, tile in zip(col_blocks, tiles):
+            torch.mm(u, tile, out=part_t[:, cols])
+        out_t += part_t
+    return out_t.T.contiguous()

@@ -1,4 +1,4 @@
-"""The four ops on the kernel core, for every backend that works on tiles (torch, cpp, and Triton where its fused
+"""The four ops (and the Nystrom normal-equations product) on the kernel core, for every backend that works on tiles (torch, cpp, and Triton where its fused
 kernels do not apply). Inputs are canonical tensors (``rfm_fast._validation.Problem``): z (m, d), x (n, d),
 alpha (n, c), M None / (d,) / (d, d), in one float dtype on one device; outputs in the caller's order.
 
@@ -84,6 +84,21 @@ def kernel_mv(z, x, alpha, M, spec: KernelSpec, budget: int, make_evaluator: Eva
     evaluator, _ = make_evaluator(geom, False)
     out = matvec.kernel_mv(geom, geom.permute_alpha(alpha).contiguous(), evaluator, budget)
     return geom.unpermute_rows(out)
+
+
+def kernel_normal_mv(z, x, alpha, M, spec: KernelSpec, budget: int, make_evaluator: EvaluatorFactory,
+                     geom: Optional[Geometry] = None) -> torch.Tensor:
+    """K(z, x)^T (K(z, x) alpha), (n, c) float64: each tile of K computed once (``matvec.kernel_normal_mv``)."""
+    geom = geom or Geometry.build(z, x, M, spec)
+    if geom.degenerate:
+        return (geom.m * alpha.to(torch.float64).sum(0, keepdim=True)).expand(geom.n, -1).clone()
+    evaluator, _ = make_evaluator(geom, False)
+    out = matvec.kernel_normal_mv(geom, geom.permute_alpha(alpha).contiguous(), evaluator, budget)
+    if geom.perm_x is None:
+        return out
+    result = torch.empty_like(out)
+    result[geom.perm_x] = out
+    return result
 
 
 def raw_gradient_blocks(geom: Geometry, alpha: torch.Tensor, budget: int, make_evaluator: EvaluatorFactory,

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any, Optional
 
+import time
+
 import numpy as np
 import torch
 from sklearn.base import BaseEstimator
@@ -51,8 +53,8 @@ class RFM(Persist, BaseEstimator):
     probabilities; use ``decision_function``, or wrap the model in ``sklearn.calibration.CalibratedClassifierCV``.
 
     After fit: ``M_`` ((d,) or (d, d) tensor), ``alpha_`` (n, c), ``X_fit_`` (the centres), ``classes_``
-    (classification), ``history_`` (one dict per solve: iteration, train_score, val_score when validation data
-    were given), ``n_features_in_``. When validation data are given, the M with the best validation score is
+    (classification), ``history_`` (one dict per solve: iteration, solve_seconds, solver, solver_iterations,
+    residual, train_score, val_score when validation data were given, agop_seconds after each AGOP), ``n_features_in_``. When validation data are given, the M with the best validation score is
     kept (the published code's model selection).
 
     ``predict`` returns labels (classification) or values (n,) / (n, t) (regression) as numpy for numpy input
@@ -141,10 +143,13 @@ class RFM(Persist, BaseEstimator):
         self.history_ = []
         best = None
         for iteration in range(self.iters + 1):
-            alpha = krr_solve(Xt, Y, M=M, reg=self.reg, solver=self.solver, progress=bool(self.verbose),
-                              **solve_kw, **self._kwargs())
+            started = time.perf_counter()
+            alpha, info = krr_solve(Xt, Y, M=M, reg=self.reg, solver=self.solver, progress=bool(self.verbose),
+                                    return_info=True, **solve_kw, **self._kwargs())
             self.M_, self.alpha_ = M, alpha
-            record = {"iteration": iteration, "train_score": self.score(Xt, y)}
+            record = {"iteration": iteration, "solve_seconds": time.perf_counter() - started,
+                      "solver": info["solver"], "solver_iterations": info["iterations"],
+                      "residual": info["residual"], "train_score": self.score(Xt, y)}
             if has_val:
                 record["val_score"] = self.score(X_val, y_val)
                 if best is None or record["val_score"] > best[0]:
@@ -156,8 +161,10 @@ class RFM(Persist, BaseEstimator):
             if self.agop_samples is not None and self.agop_samples < n:
                 idx = torch.randperm(n, generator=generator)[: self.agop_samples].to(self.device_)
                 points = Xt[idx]
+            started = time.perf_counter()
             G = agop(points, self.X_fit_, alpha, M=M, centered=bool(self.centered), diag=bool(self.diag),
                      **self._kwargs())
+            record["agop_seconds"] = time.perf_counter() - started
             M = normalize_metric(symmetrize(G), self.normalize)
         if best is not None:
             _, self.M_, self.alpha_ = best

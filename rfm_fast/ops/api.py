@@ -122,3 +122,27 @@ def agop(x: Any, centers: Any, alpha: Any, *, kernel: str = "laplace", bandwidth
     _no_autograd("agop", problem)
     return problem.output(_run("agop", problem, backend, resolve_budget(memory_budget), centered=centered,
                                diag=diag))
+
+
+def kernel_normal_mv(x: Any, centers: Any, alpha: Any, *, kernel: str = "laplace", bandwidth: float = 1.0,
+                     M: Any = None, backend: str = "auto", memory_budget: Optional[int | str] = None,
+                     M_factor: Any = None) -> torch.Tensor:
+    """K^T (K alpha) with K = K(x, centers) (m, n): the product of the Nystrom normal equations, each kernel tile
+    computed once (two ``kernel_mv`` calls compute every tile twice). x: (m, d), centers: (n, d), alpha (n, c)
+    -> (n, c) float64 torch tensor (per-row-block products summed in float64). Private to the solvers: runs on
+    the backends that work on the core's tiles (torch, cpp; naive as the reference); :func:`fuses_normal_mv`
+    says whether a call reaches one. Not differentiable."""
+    problem = prepare(x, centers, alpha, M, kernel, bandwidth, need_alpha=True, M_factor=M_factor)
+    _no_autograd("kernel_normal_mv", problem)
+    return choose("kernel_normal_mv", problem, backend).function("kernel_normal_mv")(
+        problem, resolve_budget(memory_budget))
+
+
+def fuses_normal_mv(x: Any, centers: Any, *, kernel: str = "laplace", bandwidth: float = 1.0, M: Any = None,
+                    backend: str = "auto", M_factor: Any = None) -> bool:
+    """Whether ``kernel_mv`` on these inputs runs on a backend that also has :func:`kernel_normal_mv` (otherwise
+    the two mat-vecs on the chosen backend are the faster way to the same product)."""
+    from .._dispatch import REGISTRY
+
+    problem = prepare(x[:1], centers[:1], None, M, kernel, bandwidth, need_alpha=False, M_factor=M_factor)
+    return "kernel_normal_mv" in REGISTRY[choose("kernel_mv", problem, backend).name].ops

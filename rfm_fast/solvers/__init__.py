@@ -130,12 +130,10 @@ def krr_solve(X: Any, Y: Any, *, kernel: str = "laplace", bandwidth: float = 1.0
         alpha, info = cg_solve(Xt, Yt, tol=tol, max_iter=max_iter, memory_budget=memory_budget,
                                progress=progress, **common)
     elif chosen == "nystrom":
-        from .nystrom import choose_centres, nystrom_solve
+        from .nystrom import choose_centres, default_nystrom_tol, nystrom_solve
 
         idx = choose_centres(Xt.shape[0], centres, seed, Xt.device)
-        # The normal equations square K's conditioning: float32 products verify their residual to ~1e-4 only.
-        nys_tol = tol if tol is not None else (1e-3 if solve_dtype == torch.float32 else default_tol(solve_dtype))
-        alpha, info = nystrom_solve(Xt, Yt, idx, tol=nys_tol,
+        alpha, info = nystrom_solve(Xt, Yt, idx, tol=tol if tol is not None else default_nystrom_tol(solve_dtype),
                                     max_iter=max_iter if max_iter is not None else default_max_iter(idx.numel()),
                                     memory_budget=memory_budget, progress=progress, **common)
     else:

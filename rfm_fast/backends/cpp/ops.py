@@ -42,6 +42,11 @@ def kernel_mv(problem, budget: int):
     return core.kernel_mv(problem.x, problem.centers, problem.alpha, problem.M, _spec(problem), budget, _pass)
 
 
+def kernel_normal_mv(problem, budget: int):
+    return core.kernel_normal_mv(problem.x, problem.centers, problem.alpha, problem.M, _spec(problem), budget,
+                                 _pass)
+
+
 def kernel_grad(problem, budget: int):
     return core.kernel_grad(problem.x, problem.centers, problem.alpha, problem.M, _spec(problem), budget, _pass)
 

@@ -16,6 +16,11 @@ def kernel_mv(problem, budget: int):
     return _mv.kernel_mv(problem.x, problem.centers, problem.alpha, problem.M, problem.kernel, problem.bandwidth)
 
 
+def kernel_normal_mv(problem, budget: int):
+    K = _matrix.kernel_matrix(problem.x, problem.centers, problem.M, problem.kernel, problem.bandwidth)
+    return K.T.double() @ (K.double() @ problem.alpha.double())
+
+
 def kernel_grad(problem, budget: int):
     return _grad.kernel_grad(problem.x, problem.centers, problem.alpha, problem.M, problem.kernel, problem.bandwidth)
 

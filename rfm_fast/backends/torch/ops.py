@@ -19,6 +19,11 @@ def kernel_mv(problem, budget: int):
                           core.torch_evaluator)
 
 
+def kernel_normal_mv(problem, budget: int):
+    return core.kernel_normal_mv(problem.x, problem.centers, problem.alpha, problem.M, _spec(problem), budget,
+                                 core.torch_evaluator)
+
+
 def kernel_grad(problem, budget: int):
     return core.kernel_grad(problem.x, problem.centers, problem.alpha, problem.M, _spec(problem), budget,
                             core.torch_evaluator)
