@@ -8,6 +8,9 @@ out_J += K_IJ^T alpha_I), halving the distance GEMMs and the value passes that d
 only accumulator, so this needs no more memory than the one-sided schedule.
 
 Kernel matrix: the (m, n) output is the result; it is filled in full-width row blocks, in place.
+
+Normal-equations product K^T (K alpha) (the Nystrom solver's): full-width row blocks as contiguous column tiles,
+each tile computed once and used for both products; float64 sums over the row blocks.
 """
 
 from __future__ import annotations
