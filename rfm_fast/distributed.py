@@ -41,8 +41,7 @@ from .solvers.cg import ConvergenceError
 from .solvers.preconditioned import check_solver_args, failure_message, pcg_rows
 
 __all__ = ["init", "shard", "all_gather_rows", "agop", "kernel_mv", "nystrom_pcg", "nystrom_krr", "fit_rfm",
-           "predict",
-           "RankComm"]
+           "predict", "RankComm"]
 
 
 def init(backend: Optional[str] = None) -> tuple[int, int]:
@@ -310,8 +309,8 @@ def fit_rfm(X: Any, Y: Any, *, iters: int = 3, kernel: str = "laplace", bandwidt
         history.append(info)
         if iteration == iters:
             break
-        G = agop(X[part], X if idx is None else X[idx], alpha, kernel=kernel, bandwidth=bandwidth, M=M, centered=centered, diag=diag,
-                 backend=backend, group=group)
+        G = agop(X[part], X if idx is None else X[idx], alpha, kernel=kernel, bandwidth=bandwidth, M=M,
+                 centered=centered, diag=diag, backend=backend, group=group)
         G = G if diag else 0.5 * (G + G.T)
         top = float(G.max())
         if not top > 0:

@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 
 from .geometry import Geometry
-from .plan import TilePlan, plan_symmetric, plan_tiles, strip_rows
+from .plan import PREFERRED, TilePlan, plan_symmetric, plan_tiles, strip_rows
 from .tiles import TileEvaluator
 
 
@@ -98,12 +98,14 @@ def kernel_normal_mv(geom: Geometry, alpha: torch.Tensor, evaluator: TileEvaluat
     alpha_t = alpha.T.contiguous()
     out_t = torch.zeros(c, n, dtype=torch.float64, device=dev)
     part_t = torch.empty(c, n, dtype=dt, device=dev)
-    plan = plan_tiles(m, n, budget - (3 * n + n) * c * item, per_row=(2 * c + k * min(n, 2048)) * item,
-                      per_cell=item, device=dev, preferred=(strip_rows(dev), n), minimum=(1, n),
+    width = min(n, PREFERRED["cpu"][1])  # column tiles of the CPU preferred width, in cache while u accumulates
+    # alpha_t and part_t (c n each) and the float64 out_t (2 c n) are held throughout.
+    plan = plan_tiles(m, n, budget, fixed=4 * n * c * item, per_row=(2 * c + k * width) * item, per_cell=item,
+                      device=dev, preferred=(strip_rows(dev), n), minimum=(1, n),
                       what="a full-width row block of the normal-equations product")
-    col_blocks = list(TilePlan(rows=plan.rows, cols=min(n, 2048)).col_blocks(n))
+    col_blocks = list(TilePlan(rows=plan.rows, cols=width).col_blocks(n))
     buf = torch.empty(plan.rows * n, dtype=dt, device=dev)
-    direct_buf = [torch.empty(plan.rows * min(n, 2048), dtype=dt, device=dev) for _ in range(k)]
+    direct_buf = [torch.empty(plan.rows * width, dtype=dt, device=dev) for _ in range(k)]
     u_t = torch.empty(c, plan.rows, dtype=dt, device=dev)
     for rows in plan.row_blocks(m):
         R = rows.stop - rows.start

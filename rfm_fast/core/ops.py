@@ -1,6 +1,7 @@
-"""The four ops (and the Nystrom normal-equations product) on the kernel core, for every backend that works on tiles (torch, cpp, and Triton where its fused
-kernels do not apply). Inputs are canonical tensors (``rfm_fast._validation.Problem``): z (m, d), x (n, d),
-alpha (n, c), M None / (d,) / (d, d), in one float dtype on one device; outputs in the caller's order.
+"""The four ops (and the Nystrom normal-equations product) on the kernel core, for every backend that works on
+tiles (torch, cpp, and Triton where its fused kernels do not apply). Inputs are canonical tensors
+(``rfm_fast._validation.Problem``): z (m, d), x (n, d), alpha (n, c), M None / (d,) / (d, d), in one float
+dtype on one device; outputs in the caller's order.
 
 What a backend plugs in is an *evaluator factory*: (geometry, gradient) -> (TileEvaluator, scratch tiles it
 needs), i.e. the elementwise pass (``torch_evaluator``, ``pass_evaluator(compiled)``) or a whole tile kernel.

@@ -13,7 +13,7 @@ from sklearn.exceptions import NotFittedError
 from sklearn.utils.multiclass import type_of_target
 
 from ..ops.api import agop, kernel_mv
-from ..solvers import krr_solve
+from ..solvers import check_centres, krr_solve
 from ._common import (as_features, as_labels, check_validation_pair, encode_classes, labels_out, normalize_metric,
                       one_hot, resolve_device, resolve_dtype, symmetrize, to_output)
 from ._persist import Persist
@@ -54,8 +54,9 @@ class RFM(Persist, BaseEstimator):
 
     After fit: ``M_`` ((d,) or (d, d) tensor), ``alpha_`` (n, c), ``X_fit_`` (the centres), ``classes_``
     (classification), ``history_`` (one dict per solve: iteration, solve_seconds, solver, solver_iterations,
-    residual, train_score, val_score when validation data were given, agop_seconds after each AGOP), ``n_features_in_``. When validation data are given, the M with the best validation score is
-    kept (the published code's model selection).
+    residual, train_score, val_score when validation data were given, agop_seconds after each AGOP),
+    ``n_features_in_``. When validation data are given, the M with the best validation score is kept (the
+    published code's model selection).
 
     ``predict`` returns labels (classification) or values (n,) / (n, t) (regression) as numpy for numpy input
     and as a tensor for tensor input.
@@ -94,9 +95,7 @@ class RFM(Persist, BaseEstimator):
         if self.agop_samples is not None and (not isinstance(self.agop_samples, (int, np.integer))
                                               or self.agop_samples < 1):
             raise ValueError(f"agop_samples must be None or an integer >= 1, got {self.agop_samples!r}")
-        if (self.solver == "nystrom") != (self.centres is not None):
-            raise ValueError("centres= goes with solver='nystrom' (an integer m or the centres' indices), and "
-                             "solver='nystrom' needs centres=")
+        check_centres(self.solver, self.centres)
 
     def _targets(self, y: Any, n: int) -> torch.Tensor:
         if self.task_ == "classification":

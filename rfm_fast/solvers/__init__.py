@@ -42,6 +42,13 @@ def _preconditioned():
         raise
 
 
+def check_centres(solver: str, centres: Any) -> None:
+    """centres= goes with solver="nystrom" and only with it (krr_solve and RFM both ask)."""
+    if (solver == "nystrom") != (centres is not None):
+        raise ValueError("centres= goes with solver='nystrom' (an integer m or the centres' indices), and "
+                         "solver='nystrom' needs centres=")
+
+
 def choose_solver(n: int, dtype: torch.dtype, memory_budget: Optional[int | str] = None) -> str:
     """What ``solver="auto"`` runs for n points: "cholesky" when the n x n matrix and its factor
     (2 n^2 elements of ``dtype``) fit the memory budget, else "pcg", or "cg" where PCG is not installed."""
@@ -119,9 +126,7 @@ def krr_solve(X: Any, Y: Any, *, kernel: str = "laplace", bandwidth: float = 1.0
     if M is not None:
         M = _as_tensor("M", M).to(device=Xt.device, dtype=solve_dtype)
 
-    if (solver == "nystrom") != (centres is not None):
-        raise ValueError("centres= goes with solver='nystrom' (an integer m or the centres' indices), and "
-                         "solver='nystrom' needs centres=")
+    check_centres(solver, centres)
     chosen = choose_solver(Xt.shape[0], solve_dtype, memory_budget) if solver == "auto" else solver
     common = dict(kernel=kernel, bandwidth=bandwidth, M=M, reg=reg, backend=backend)
     if chosen == "cholesky":

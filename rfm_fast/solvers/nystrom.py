@@ -182,11 +182,18 @@ def solve_on_rows(X: torch.Tensor, Y: torch.Tensor, C: torch.Tensor, n: int, com
             return kernel_normal_mv(Xp, Cp, a.to(Xp.dtype), **kw)
         return kernel_mv(Cp, Xp, kernel_mv(Xp, Cp, a.to(Xp.dtype), **kw), **kw).to(torch.float64)
 
-    def apply_H(a: torch.Tensor) -> torch.Tensor:
-        """a (m, c) float64 -> H a = K_nm^T K_nm a + reg K_mm a, the kernel products in X's dtype; K_mm a as
-        L (L^T a) (K_mm plus the factor's jitter, if it needed one)."""
-        part = normal(X, C, a, ops) if X.shape[0] else torch.zeros_like(a)
+    def chunks():
+        """Row chunks of X for the float64 products (no float64 copy of X)."""
+        return (slice(start, start + EXACT_CHUNK) for start in range(0, X.shape[0], EXACT_CHUNK))
+
+    def finish(part: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+        """This rank's K_rm^T K_rm a summed over ranks, plus reg K_mm a as L (L^T a) (K_mm plus the factor's
+        jitter, if it needed one)."""
         return comm.allsum(part) + reg * (L @ (L.T @ a))
+
+    def apply_H(a: torch.Tensor) -> torch.Tensor:
+        """a (m, c) float64 -> H a = K_nm^T K_nm a + reg K_mm a, the kernel products in X's dtype."""
+        return finish(normal(X, C, a, ops) if X.shape[0] else torch.zeros_like(a), a)
 
     def apply_H64(a: torch.Tensor) -> torch.Tensor:
         """H a with float64 products, X converted a row chunk at a time (no float64 copy of X): the true
@@ -195,13 +202,12 @@ def solve_on_rows(X: torch.Tensor, Y: torch.Tensor, C: torch.Tensor, n: int, com
         if X.dtype == torch.float64:
             return apply_H(a)
         part = torch.zeros_like(a)
-        for start in range(0, X.shape[0], EXACT_CHUNK):
-            part += normal(X[start:start + EXACT_CHUNK].to(torch.float64), C64, a, ops64)
-        return comm.allsum(part) + reg * (L @ (L.T @ a))
+        for rows in chunks():
+            part += normal(X[rows].to(torch.float64), C64, a, ops64)
+        return finish(part, a)
 
     b = torch.zeros(m, Y.shape[1], dtype=torch.float64, device=C.device)
-    for start in range(0, X.shape[0], EXACT_CHUNK):  # K_nm^T Y with float64 products, as the residuals
-        rows = slice(start, start + EXACT_CHUNK)
+    for rows in chunks():  # K_nm^T Y with float64 products, as the residuals
         b += kernel_mv(C64, X[rows].to(torch.float64), Y[rows].to(torch.float64), **ops64)
     b = comm.allsum(b)
     bar = progress_bar(progress and comm.rank == 0, max_iter, "Nystrom")
