@@ -1,11 +1,13 @@
 """AGOP and mat-vec under the near-rank-1 M an RFM loop learns, against M = I, interleaved in one process.
 
 The learned M is the last of ``bench_rank.learned_metrics`` (y = tanh(3 x.w), Laplace L = 10, reg 1e-3, M <- AGOP /
-max); n = m = 4000, d = 64, c = 10, float32, x = centres. Each round times every (backend, metric, op) once, in
-turn, so slow phases of a shared machine hit all of them; the table gives medians and learned / identity.
-Every call prepares its geometry (inside a solver, ``reuse()`` pays that once).
+max); by default n = m = 4000, d = 64, c = 10 (``--shapes``), float32, x = centres. Each round times every
+(backend, metric, op) once, in turn, so slow phases of a shared machine hit all of them; the table gives medians
+and learned / identity. Every call prepares its geometry (inside a solver, ``reuse()`` pays that once); the factor
+of M is computed once per M tensor (``rfm_fast.core.metric``), as in an RFM iteration.
 
-    python benchmarks/bench_learned_vs_identity.py --rounds 11 --csv benchmarks/results/learned_vs_identity.csv
+    python benchmarks/bench_learned_vs_identity.py --shapes 4000x64x10 1280x10x1 --rounds 21 \
+        --csv benchmarks/results/learned_vs_identity.csv
 """
 
 from __future__ import annotations
@@ -25,17 +27,10 @@ from bench_rank import BANDWIDTH, learned_metrics  # noqa: E402
 from _results import write_csv  # noqa: E402  (benchmarks/, the scripts' folder)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--n", type=int, default=4000)
-    parser.add_argument("--d", type=int, default=64)
-    parser.add_argument("--c", type=int, default=10)
-    parser.add_argument("--rounds", type=int, default=11)
-    parser.add_argument("--csv", default=None, help="also write the rows to this CSV file")
-    args = parser.parse_args()
+def measure(n: int, d: int, c: int, rounds: int) -> list:
     g = torch.Generator().manual_seed(0)
-    X = torch.randn(args.n, args.d, generator=g)
-    alpha = torch.randn(args.n, args.c, generator=g)
+    X = torch.randn(n, d, generator=g)
+    alpha = torch.randn(n, c, generator=g)
     M = learned_metrics(X, 5)[-1][1]
     backends = [b for b in ("torch", "cpp") if b in rfm_fast.available_backends("cpu")]
     calls = {}
@@ -48,7 +43,7 @@ def main() -> None:
     for fn in calls.values():
         fn()
     times = {key: [] for key in calls}
-    for _ in range(args.rounds):
+    for _ in range(rounds):
         for key, fn in calls.items():
             start = time.perf_counter()
             fn()
@@ -58,9 +53,24 @@ def main() -> None:
         for op in ("kernel_mv", "agop"):
             ident = statistics.median(times[(b, "identity", op)])
             learned = statistics.median(times[(b, "learned", op)])
-            rows.append({"backend": b, "op": op, "identity_s": round(ident, 4), "learned_s": round(learned, 4),
-                         "learned_over_identity": round(learned / ident, 3), "rounds": args.rounds})
+            rows.append({"n": n, "d": d, "c": c, "backend": b, "op": op, "identity_s": round(ident, 4),
+                         "learned_s": round(learned, 4), "learned_over_identity": round(learned / ident, 3),
+                         "rounds": rounds})
             print(rows[-1], flush=True)
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--shapes", nargs="*", default=["4000x64x10"],
+                        help="n x d x c of each problem (default: 4000x64x10; xrfm's own tests: 1280x10x1)")
+    parser.add_argument("--rounds", type=int, default=11)
+    parser.add_argument("--csv", default=None, help="also write the rows to this CSV file")
+    args = parser.parse_args()
+    rows = []
+    for shape in args.shapes:
+        n, d, c = (int(v) for v in shape.lower().split("x"))
+        rows += measure(n, d, c, args.rounds)
     if args.csv:
         write_csv(rows, args.csv)
 

@@ -449,6 +449,43 @@ def test_metric_factor_errors_and_rank():
     assert torch.allclose(factor.as_dense() @ factor.as_dense().T, 5 * S @ S.T, rtol=1e-5)
 
 
+def test_dense_factor_is_reused_only_for_the_same_unchanged_tensor():
+    """The eigendecomposition of a dense M is kept for the same tensor object; an in-place change, an equal copy, a
+    dtype or a new tensor at a recycled id get their own, and the results follow M's values."""
+    from rfm_fast.core.metric import MetricFactor
+
+    g = torch.Generator().manual_seed(3)
+    B = torch.randn(6, 6, generator=g, dtype=torch.float64)
+    M = B @ B.T
+    first = MetricFactor.from_matrix(M, 6, torch.float32, M.device)
+    assert MetricFactor.from_matrix(M, 6, torch.float32, M.device) is first
+    assert MetricFactor.from_matrix(M, 6, torch.float64, M.device) is not first
+    assert MetricFactor.from_matrix(M.clone(), 6, torch.float32, M.device) is not first
+    X = torch.randn(30, 6, generator=g)
+    alpha = torch.randn(30, 2, generator=g)
+    before = rfm_fast.kernel_mv(X, X, alpha, M=M, bandwidth=3.0)
+    M.mul_(4.0)  # in place: the version counter moves on
+    after = MetricFactor.from_matrix(M, 6, torch.float32, M.device)
+    assert after is not first
+    assert torch.allclose(after.as_dense() @ after.as_dense().T, M, rtol=1e-10, atol=1e-10)
+    want = rfm_fast.kernel_mv(X, X, alpha, M=M.clone(), bandwidth=3.0)
+    assert torch.allclose(rfm_fast.kernel_mv(X, X, alpha, M=M, bandwidth=3.0), want, rtol=1e-6, atol=1e-6)
+    assert not torch.allclose(before, want, rtol=1e-3)
+    for _ in range(8):  # more tensors than the cache holds, some at recycled ids: each gets its own factor
+        other = B @ B.T * float(torch.rand(1, generator=g) + 0.5)
+        f = MetricFactor.from_matrix(other, 6, torch.float32, other.device)
+        assert torch.allclose(f.as_dense() @ f.as_dense().T, other, rtol=1e-10, atol=1e-10)
+        del other
+    from rfm_fast.core import metric
+
+    assert len(metric._DENSE_FACTORS) <= metric.DENSE_FACTOR_CACHE
+    key = id(M)
+    assert key in metric._DENSE_FACTORS or len(metric._DENSE_FACTORS) == metric.DENSE_FACTOR_CACHE
+    MetricFactor.from_matrix(M, 6, torch.float32, M.device)
+    del M  # a freed tensor takes its entry with it
+    assert key not in metric._DENSE_FACTORS
+
+
 @pytest.mark.parametrize("backend", FAST)
 def test_degenerate_metric(backend):
     """M = 0: every distance 0, kernel 1, gradients 0."""

@@ -39,11 +39,13 @@ DIRECT_MAX_R = 4
 # the near bound of the expanded part then shrinks by that factor (near radius by its square root).
 HYBRID_MAX_K = 2
 HYBRID_REST_SHARE = 2.0**-8
-# The decision and the rotation come from the spread of at most this many centres (spaced evenly in their order).
-HYBRID_SAMPLE = 4096
-# Up to this many coordinates the hybrid test takes the Gram matrix's spectrum instead of power steps.
+# The decision and the rotation come from the spread of a sample of the centres (spaced evenly in their order):
+# up to HYBRID_GRAM_R coordinates, the r x r Gram matrix of HYBRID_PROBE of them; beyond, a cheap first look at
+# HYBRID_PROBE (``_may_be_flat``) turns most data away, and power steps on HYBRID_SAMPLE decide the rest. The
+# decision only moves work between the expansion and the direct coordinates: every pair is still tested against
+# the near bound of its own norms, so a sample that misjudges the spread costs time, never accuracy.
+HYBRID_SAMPLE = 1024
 HYBRID_GRAM_R = 128
-# Centres of the cheap first look (``_may_be_flat``) that turns most data away before the full test.
 HYBRID_PROBE = 256
 # float32 data whose expanded distances would carry a relative error above WIDE_ERROR in the kernel values get
 # their distance GEMMs in float64 (``Geometry.wide``): the expansion's absolute error in s is ~8 eps (||u_z||^2 +
@@ -163,9 +165,10 @@ class Geometry:
         factor = MetricFactor.from_matrix(M, z.shape[1], dtype, device)
         x = x.contiguous()
         z = x if same else z.contiguous()
-        centre = x.mean(0, keepdim=True, dtype=torch.float64) if x.shape[0] else x.new_zeros(1, x.shape[1],
-                                                                                             dtype=torch.float64)
-        centre_w = centre.to(dtype)
+        # Any point near the data serves as the centre, as long as z and x use the same one: the mean in the
+        # working dtype (pairwise sums), kept as that rounded value in float64 too.
+        centre_w = x.mean(0, keepdim=True) if x.shape[0] else x.new_zeros(1, x.shape[1])
+        centre = centre_w.to(torch.float64)
         xs = x - centre_w
         zs = xs if same else z - centre_w
         sigma = spec.coord_scale
@@ -208,10 +211,8 @@ class Geometry:
         geom = cls(spec, factor, z, x, same, [frame], zt, xt, kdir, None, None)
         geom.wide = wide
         if allow_frames and x.shape[0] >= 2 * MIN_FRAMED and factor.r > DIRECT_MAX_R and ue_x.numel():
-            # The centre the global coordinates were taken about: float64 for float64-formed ones, else rounded.
-            used = centre if ue64_x is not None else centre_w.to(torch.float64)
             geom._add_frames(ue_x, ue_z, spec.near_rtol(dtype, precision), rtol_d, ue64_x is not None, rtol_e,
-                             used)
+                             centre)
         return geom
 
     def _add_frames(self, ue_x: torch.Tensor, ue_z: torch.Tensor, rtol_e: float, rtol_d: float, exact64: bool,
@@ -437,7 +438,8 @@ def _check_range(u: torch.Tensor, name: str) -> None:
     """Squared norms of the scaled coordinates must stay finite in the working dtype."""
     if u.numel() == 0:
         return
-    biggest = float(u.abs().max())
+    low, high = torch.aminmax(u)
+    biggest = float(torch.maximum(-low, high))  # NaN stays NaN
     limit = torch.finfo(u.dtype).max ** 0.5 / 8
     if not biggest <= limit:
         raise ValueError(f"{name} spans {biggest:.3g} bandwidths from its mean, more than {u.dtype} can square "
@@ -474,8 +476,8 @@ def compensated_pair(z: torch.Tensor, x: torch.Tensor, same: bool, centre: torch
 def _coords64(z, x, same, centre, factor: MetricFactor, sigma: float, dtype: torch.dtype) -> tuple:
     """(ue64_x, ue64_z, ue_x, ue_z): the scaled coordinates (t - c) F sigma of x and z in float64 (one rounding),
     and those rounded to ``dtype``."""
-    ue64_x = factor.transform(x.to(torch.float64) - centre, sigma)
-    ue64_z = ue64_x if same else factor.transform(z.to(torch.float64) - centre, sigma)
+    ue64_x = factor.transform(x - centre, sigma)  # float32 - float64 promotes: one pass, the same values
+    ue64_z = ue64_x if same else factor.transform(z - centre, sigma)
     ue_x = ue64_x.to(dtype)
     return ue64_x, ue64_z, ue_x, (ue_x if same else ue64_z.to(dtype))
 
@@ -509,24 +511,28 @@ def _hybrid(factor: MetricFactor, xs: torch.Tensor, sigma: float) -> tuple:
     n = xs.shape[0]
     if n < 8:
         return factor, 0
-    if n > 4 * HYBRID_PROBE and not _may_be_flat(factor, xs, sigma):
-        return factor, 0
-    if n > HYBRID_SAMPLE:
-        xs = xs[torch.linspace(0, n - 1, HYBRID_SAMPLE, device=xs.device).long()]
-    u = factor.transform(xs, sigma)
-    u = u - u.mean(0, keepdim=True)
-    total = float((u * u).sum())
-    if not total > 0:
-        return factor, 0
-    if u.shape[1] <= HYBRID_GRAM_R:
-        # Few coordinates: the exact spectrum of the r x r Gram matrix costs less than the power steps.
-        u64 = u.to(torch.float64)
+
+    def sample(size):
+        return xs if n <= size else xs[torch.linspace(0, n - 1, size, device=xs.device).long()]
+
+    if factor.r <= HYBRID_GRAM_R:
+        # Few coordinates: the exact spectrum of the r x r Gram matrix of HYBRID_PROBE centres decides, and gives
+        # the rotation, at the cost of the first look alone.
+        u64 = factor.transform(sample(HYBRID_PROBE), sigma).to(torch.float64)
+        u64 = u64 - u64.mean(0, keepdim=True)
         evals, evecs = torch.linalg.eigh(u64.T @ u64)
         lead64 = evals.flip(0).clamp_min(0)
         total64 = float(lead64.sum())
         for j in range(1, HYBRID_MAX_K + 1):
             if total64 > 0 and 1.0 - float(lead64[:j].sum()) / total64 <= HYBRID_REST_SHARE:
                 return factor.rotated(evecs.flip(1)), j
+        return factor, 0
+    if n > 4 * HYBRID_PROBE and not _may_be_flat(factor, xs, sigma):
+        return factor, 0
+    u = factor.transform(sample(HYBRID_SAMPLE), sigma)
+    u = u - u.mean(0, keepdim=True)
+    total = float((u * u).sum())
+    if not total > 0:
         return factor, 0
     gen = torch.Generator(device="cpu").manual_seed(0)
     V = torch.randn(u.shape[1], HYBRID_MAX_K + 2, generator=gen, dtype=u.dtype).to(u.device)

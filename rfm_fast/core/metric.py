@@ -17,9 +17,19 @@ directions first.
 from __future__ import annotations
 
 import math
+import threading
+import weakref
 from typing import Optional
 
 import torch
+
+# Factors of the last few dense M tensors, keyed by the tensor itself (a weak reference: the same object, its
+# version counter unchanged by in-place writes) and the working dtype and device: an RFM iteration uses one M for
+# its solve, its AGOP and its predictions, and each eigendecomposition is O(d^3) (~0.3 ms at d = 64, ~0.2 s at
+# d = 1024 on 2 cores).
+DENSE_FACTOR_CACHE = 4
+_DENSE_FACTORS: dict = {}
+_DENSE_LOCK = threading.Lock()
 
 
 def _eps(dtype: torch.dtype) -> float:
@@ -77,6 +87,20 @@ class MetricFactor:
             return cls("identity", d, d)
         if isinstance(M, MetricFactor):
             return M
+        if M.ndim == 2:
+            key = (M._version, dtype, torch.device(device), d)
+            hit = _DENSE_FACTORS.get(id(M))
+            if hit is not None and hit[0]() is M and hit[1] == key:
+                return hit[2]
+            factor = cls._from_dense(M, dtype, device)
+            with _DENSE_LOCK:
+                _DENSE_FACTORS.pop(id(M), None)
+                while len(_DENSE_FACTORS) >= DENSE_FACTOR_CACHE:
+                    _DENSE_FACTORS.pop(next(iter(_DENSE_FACTORS)))
+                # The entry goes with its tensor (the callback runs before the id can be reused).
+                ref = weakref.ref(M, lambda _, k=id(M): _DENSE_FACTORS.pop(k, None))
+                _DENSE_FACTORS[id(M)] = (ref, key, factor)
+            return factor
         eps = _eps(dtype) ** 2
         M64 = M.to(device=device, dtype=torch.float64)
         if M.ndim == 1:
@@ -85,6 +109,13 @@ class MetricFactor:
             if keep.numel() == d:
                 return cls("diagonal", d, d, keep=None, root=M64.sqrt())
             return cls("diagonal", d, int(keep.numel()), keep=keep, root=M64[keep].sqrt())
+        raise ValueError(f"M must be None, (d,) or (d, d); got shape {tuple(M.shape)}")
+
+    @classmethod
+    def _from_dense(cls, M: torch.Tensor, dtype: torch.dtype, device: torch.device) -> "MetricFactor":
+        d = M.shape[0]
+        eps = _eps(dtype) ** 2
+        M64 = M.detach().to(device=device, dtype=torch.float64)
         evals, evecs = torch.linalg.eigh(0.5 * (M64 + M64.T))
         top = float(evals.abs().max()) if evals.numel() else 0.0
         if top > 0 and float(evals.min()) < -math.sqrt(_eps(M.dtype)) * top:
