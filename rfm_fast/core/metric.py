@@ -25,7 +25,7 @@ import torch
 
 # Factors of the last few dense M tensors, keyed by the tensor itself (a weak reference: the same object, its
 # version counter unchanged by in-place writes) and the working dtype and device: an RFM iteration uses one M for
-# its solve, its AGOP and its predictions, and each eigendecomposition is O(d^3) (~0.3 ms at d = 64, ~0.2 s at
+# its solve, its AGOP and its predictions, and each eigendecomposition is O(d^3) (~0.3 ms at d = 64, 0.2-0.3 s at
 # d = 1024 on 2 cores).
 DENSE_FACTOR_CACHE = 4
 _DENSE_FACTORS: dict = {}
