@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any, Optional
-
 import time
+from typing import Any, Optional
 
 import numpy as np
 import torch
