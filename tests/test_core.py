@@ -251,6 +251,118 @@ def test_the_near_band_test_fails_under_a_weakened_threshold(monkeypatch):
 
 # ---- the geometry's decisions ---------------------------------------------------------------------------------
 
+def _one_direction_metric(d: int, gen: torch.Generator) -> torch.Tensor:
+    """S (d, d), float32: M = S S^T with one direction dominating the rest by 1e8 (like a metric RFM learns on a
+    target that depends on one direction), so the geometry forms that direction directly."""
+    v = torch.randn(d, 1, generator=gen, dtype=torch.float64)
+    rest = 1e-4 * torch.randn(d, d - 1, generator=gen, dtype=torch.float64) / math.sqrt(d)
+    return torch.cat([v, rest], 1).float()
+
+
+def _band_points(gen: torch.Generator, n: int, d: int) -> torch.Tensor:
+    """Points with duplicates and near-duplicates (1e-6 .. 1e-3 apart), in float32."""
+    X = torch.randn(n, d, generator=gen, dtype=torch.float64)
+    X[1::9] = X[0::9][: X[1::9].shape[0]]
+    for k, sep in enumerate((1e-6, 1e-5, 1e-4, 1e-3)):
+        rows = slice(2 + k, n, 9)
+        X[rows] = X[0::9][: X[rows].shape[0]] + sep * torch.randn(X[rows].shape, generator=gen, dtype=torch.float64)
+    return X.float()
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+@pytest.mark.parametrize("op", ["kernel_mv", "kernel_matrix", "kernel_normal_mv"])
+def test_band_of_a_learned_metric_keeps_value_ops_exact(kernel, op, monkeypatch):
+    """Value tiles of the torch pass under a one-direction metric take the band (points sorted along that
+    direction; pairs outside a strip's band from one GEMM with no direct pass and no near test): float32 within
+    the usual tolerance of float64, with self pairs, duplicates and near-duplicates, centres equal to the
+    evaluation points or not."""
+    from rfm_fast.core import geometry
+    from rfm_fast.ops.api import kernel_normal_mv
+
+    monkeypatch.setattr(geometry, "BAND_MIN_N", 64)
+    gen = _gen(21)
+    n, d = 500, 12
+    X = _band_points(gen, n, d)
+    Z = X[:300].clone()
+    Z[::5] += 1e-5
+    alpha = torch.randn(n, 3, generator=gen)
+    S = _one_direction_metric(d, gen)
+    M64 = S.double() @ S.double().T
+    geom = Geometry.build(X, X, S @ S.T, KernelSpec(kernel, 3.0), allow_band=True)
+    assert geom.band is not None and geom.kdir == 1
+    for z in (X, Z):
+        if op == "kernel_normal_mv":
+            out = kernel_normal_mv(z, X, alpha, kernel=kernel, bandwidth=3.0, M_factor=S, backend="torch")
+            K = km_reference(z.double(), X.double(), M64, kernel, 3.0)
+            ref = K.T @ (K @ alpha.double())
+        else:
+            out = call(op, z, X, alpha, None, kernel, 3.0, backend="torch", M_factor=S)
+            ref = reference(op, z, X, alpha, M64, kernel, 3.0)
+        err = rel_fro(out, ref)
+        assert err <= REL_FRO[torch.float32], f"{op}: relative error {err:.3g}"
+
+
+def km_reference(Z, X, M, kernel, bandwidth):
+    return reference("kernel_matrix", Z, X, None, M, kernel, bandwidth)
+
+
+def test_band_margin_holds_every_pair_the_expansion_leaves_near(monkeypatch):
+    """The band's certificate, checked pair by pair: every pair the near test of the band's frame (all
+    coordinates in the expansion) flags lies in its strip's band, so skipping that test outside the band loses
+    none. A margin 16 times too narrow (rho = near_rtol / 16) misses some: the check can fail."""
+    from rfm_fast.core.geometry import Band
+    from rfm_fast.core import geometry
+    from rfm_fast.core.tiles import TileEvaluator, near_indices
+
+    monkeypatch.setattr(geometry, "BAND_MIN_N", 64)
+    gen = _gen(22)
+    X = _band_points(gen, 1200, 10)
+    S = _one_direction_metric(10, gen)
+    spec = KernelSpec("laplace", 3.0)
+    geom = Geometry.build(X, X, S @ S.T, spec, allow_band=True, allow_frames=False)
+    assert geom.band is not None
+    frame = geom.frames[geom.band.FRAME]
+    z_aug, x_aug = TileEvaluator(geom, None)._aug(True)[geom.band.FRAME]
+    narrow = Band(geom.band.tz, geom.band.tx, spec.near_rtol(torch.float32) / 16, geom.band.rest)
+    flagged = missed_narrow = 0
+    for start in range(0, geom.m, 64):
+        rows = slice(start, min(geom.m, start + 64))
+        tile = z_aug[rows] @ x_aug.T
+        near = near_indices(tile, frame.bz[rows], frame.bx, 1.0)
+        near = near[near[:, 0] + start != near[:, 1]]  # self pairs are known, never tested
+        flagged += near.shape[0]
+        a, b = geom.band.columns(rows)
+        assert bool(((near[:, 1] >= a) & (near[:, 1] < b)).all()), f"rows {rows}: a near pair outside [{a}, {b})"
+        a, b = narrow.columns(rows)
+        missed_narrow += int(((near[:, 1] < a) | (near[:, 1] >= b)).sum())
+    assert flagged > 1000  # the expansion leaves many pairs near under this metric: the check has work to do
+    assert missed_narrow > 0
+
+
+def test_band_only_for_value_tiles_of_the_torch_pass(monkeypatch):
+    """Gradient schedules refuse a geometry with a band (its products are not split by segment), and the ops
+    that build one ask for it only for value tiles of the torch pass."""
+    from rfm_fast.core import geometry
+    from rfm_fast.core.gradient import gradient_blocks
+    from rfm_fast.core.ops import torch_evaluator
+
+    monkeypatch.setattr(geometry, "BAND_MIN_N", 64)
+    gen = _gen(23)
+    X = _band_points(gen, 300, 8)
+    S = _one_direction_metric(8, gen)
+    spec = KernelSpec("laplace", 3.0)
+    geom = Geometry.build(X, X, S @ S.T, spec, allow_band=True)
+    assert geom.band is not None
+    assert Geometry.build(X, X, S @ S.T, spec).band is None
+    evaluator, _ = torch_evaluator(geom, True)
+    with pytest.raises(ValueError, match="no band"):
+        next(gradient_blocks(geom, torch.ones(300, 1), evaluator, 2**26))
+    from rfm_fast.backends.cpp import ops as cpp_ops
+
+    assert getattr(torch_evaluator, "band", False) and not getattr(cpp_ops._pass, "band", False)
+
+
+
 def test_rank_of_the_metric_and_directly_formed_coordinates():
     spec = KernelSpec("laplace", 2.0)
     gen = _gen(4)

@@ -119,3 +119,22 @@ def test_symmetric_within_rounding_is_accepted():
     M = B @ B.T  # symmetric only up to fp32 rounding of the product
     out = rfm_fast.agop(X.float(), X.float(), A.float(), M=M)
     assert torch.isfinite(out).all()
+
+
+def test_finiteness_check_by_one_sum_and_its_fallback():
+    """The input check reads one sum: NaN and inf anywhere make it non-finite; finite entries whose sum
+    overflows fall back to the entrywise test, so they pass; opposite infinities (their sum is NaN) fail."""
+    from rfm_fast._validation import all_finite
+
+    x = torch.randn(50, 4)
+    assert all_finite(x) and all_finite(torch.empty(0, 3)) and all_finite(torch.arange(5))
+    x[7, 2] = float("nan")
+    assert not all_finite(x)
+    big = torch.full((64,), 3e38)
+    assert all_finite(big)  # the float32 sum overflows to inf: the entrywise test decides
+    assert all_finite(torch.full((64,), 60000.0, dtype=torch.float16))
+    big[5] = float("-inf")
+    assert not all_finite(big)
+    assert not all_finite(torch.tensor([float("inf"), float("-inf")]))
+    with pytest.raises(ValueError, match="NaN or inf"):
+        rfm_fast.kernel_mv(torch.tensor([[0.0, float("inf"), 1.0]], dtype=torch.float64), X, A)

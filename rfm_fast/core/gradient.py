@@ -170,6 +170,8 @@ def gradient_blocks(geom: Geometry, alpha: torch.Tensor, evaluator: TileEvaluato
     buffer. ``alpha`` (n, c) in the permuted order of the centres. ``scratch_cells``: tile-sized scratch buffers
     the evaluator needs (counted in the budget). ``pair_weights`` (m, n): multiply every w_ji by it (the
     backward of kernel_matrix); one-sided schedule only."""
+    if geom.band is not None:
+        raise ValueError("gradient tiles take no band: build their geometry with allow_band=False")
     if geom.same and pair_weights is None:
         plan = _symmetric_plan(geom, alpha.shape[1], alpha.element_size(), budget, scratch_cells)
         if plan is not None:
@@ -231,7 +233,7 @@ def _symmetric_plan(geom, c, item, budget, scratch_cells):
     width = c + c * cw
     whole = cw > 0 and coefficients_whole(geom.n, width, item, budget)
     fixed = geom.n * width * item if whole else 0
-    strip = strip_rows(geom.device)
+    strip = strip_rows(geom.device, gradient=True)
     slices = 0 if whole or cw == 0 else 2 * width
     per_block_row = item * (strip * (scratch_cells + k) + c * r + slices)
     return plan_symmetric(geom.n, budget, fixed=fixed, per_block_cell=item, per_block_row=per_block_row,
@@ -249,7 +251,7 @@ def _symmetric(geom, alpha, evaluator, budget, plan, scratch_cells):
     coeffs = _Coefficients(geom, alpha, budget)
     blocks = geom.blocks(plan.block)
     B = plan.block
-    strip = min(B, strip_rows(dev))
+    strip = min(B, strip_rows(dev, gradient=True))
     tile_buf = torch.empty(B * B, dtype=dt, device=dev)
     direct_buf = torch.empty(k, strip * B, dtype=dt, device=dev)
     rows_total = min(n, plan.group * B)

@@ -51,6 +51,17 @@ def torch_evaluator(geom: Geometry, gradient: bool):
     return TileEvaluator(geom, _LazyScratchPass()), (1 if gradient and geom.spec.laplace else 0)
 
 
+# Value tiles of the torch pass take the band (``Geometry.band``): its near test and its direct passes are separate
+# torch passes, which the band skips for most pairs.
+torch_evaluator.band = True
+
+
+def _value_geometry(z, x, M, spec, make_evaluator) -> Geometry:
+    """The geometry of a value-tile op (mat-vec, kernel matrix, normal product): with a band where the evaluator
+    takes one."""
+    return Geometry.build(z, x, M, spec, allow_band=getattr(make_evaluator, "band", False))
+
+
 def pass_evaluator(elementwise: ElementwisePass) -> EvaluatorFactory:
     """An evaluator factory for an elementwise pass that needs no scratch (the compiled one)."""
     return lambda geom, gradient: (TileEvaluator(geom, elementwise), 0)
@@ -69,7 +80,7 @@ def _unpermute_matrix(geom: Geometry, K: torch.Tensor) -> torch.Tensor:
 def kernel_matrix(z, x, M, spec: KernelSpec, budget: int, make_evaluator: EvaluatorFactory,
                   geom: Optional[Geometry] = None) -> torch.Tensor:
     """K (m, n), K[j, i] = k_M(z_j, x_i)."""
-    geom = geom or Geometry.build(z, x, M, spec)
+    geom = geom or _value_geometry(z, x, M, spec, make_evaluator)
     if geom.degenerate:
         return torch.ones(geom.m, geom.n, dtype=z.dtype, device=z.device)
     evaluator, _ = make_evaluator(geom, False)
@@ -79,7 +90,7 @@ def kernel_matrix(z, x, M, spec: KernelSpec, budget: int, make_evaluator: Evalua
 def kernel_mv(z, x, alpha, M, spec: KernelSpec, budget: int, make_evaluator: EvaluatorFactory,
               geom: Optional[Geometry] = None) -> torch.Tensor:
     """K(z, x) alpha, (m, c)."""
-    geom = geom or Geometry.build(z, x, M, spec)
+    geom = geom or _value_geometry(z, x, M, spec, make_evaluator)
     if geom.degenerate:
         return alpha.sum(0, keepdim=True).expand(geom.m, -1).clone()
     evaluator, _ = make_evaluator(geom, False)
@@ -90,7 +101,7 @@ def kernel_mv(z, x, alpha, M, spec: KernelSpec, budget: int, make_evaluator: Eva
 def kernel_normal_mv(z, x, alpha, M, spec: KernelSpec, budget: int, make_evaluator: EvaluatorFactory,
                      geom: Optional[Geometry] = None) -> torch.Tensor:
     """K(z, x)^T (K(z, x) alpha), (n, c) float64: each tile of K computed once (``matvec.kernel_normal_mv``)."""
-    geom = geom or Geometry.build(z, x, M, spec)
+    geom = geom or _value_geometry(z, x, M, spec, make_evaluator)
     if geom.degenerate:
         return (geom.m * alpha.to(torch.float64).sum(0, keepdim=True)).expand(geom.n, -1).clone()
     evaluator, _ = make_evaluator(geom, False)

@@ -128,7 +128,7 @@ class TileEvaluator:
                 else:
                     ze, xe, zn, xn = frame.ze, frame.xe, frame.zn, frame.xn
                 zcols, xcols = [ze], [(xe, -2.0)]
-                if cross:
+                if cross and frame.direct:
                     (zh, zl), (xh, xl) = (tuple(t.to(ze.dtype) for t in pair) for pair in (geom.zt, geom.xt))
                     # 2 dhi dlo = 2 hi_z lo_z + 2 hi_x lo_x - 2 hi_z lo_x - 2 lo_z hi_x
                     zn = zn + 2.0 * (zh * zl).sum(1)
@@ -165,8 +165,21 @@ class TileEvaluator:
 
         With tile_sign +1 (Laplace) the squares are formed first and the GEMMs accumulate onto them (C += A B in
         the GEMM's own store), one pass fewer than adding them afterwards; with -1 that would need beta = -1,
-        which BLAS applies as a pass of its own, so the squares are added after the GEMMs."""
+        which BLAS applies as a pass of its own, so the squares are added after the GEMMs.
+
+        A geometry with a band (value tiles only) takes the whole tile from one GEMM in the band's frame (every
+        coordinate in the expansion: one call, since a BLAS call costs about as much for a third of the columns),
+        then overwrites the band's run of columns, if the tile has one, as above."""
         geom = self.geom
+        if geom.band is not None:
+            aug = self._aug(geom.zt[1] is not None)[geom.band.FRAME]
+            torch.mm(aug[0][rows], aug[1][cols].T, out=out)
+            for seg in geom.segments(rows, cols):
+                if seg.frame != geom.band.FRAME:
+                    c0, c1 = seg.cols.start - cols.start, seg.cols.stop - cols.start
+                    self._direct_distances(rows, seg.cols, out[:, c0:c1], seg.frame,
+                                           None if direct is None else [D[:, c0:c1] for D in direct], differences)
+            return
         sign = self.spec.tile_sign
         aug_all = self._aug(geom.kdir > 0 and geom.zt[1] is not None)
         formed = geom.kdir > 0 and not self.fused_direct
@@ -176,22 +189,36 @@ class TileEvaluator:
         for seg in geom.segments(rows, cols):
             view = out[seg.rows.start - rows.start:seg.rows.stop - rows.start,
                        seg.cols.start - cols.start:seg.cols.stop - cols.start]
-            aug = aug_all[seg.frame]
-            if aug is None:
-                if not first:
-                    view.zero_()
-            elif aug[0].dtype != out.dtype:  # float64 GEMM of a wide geometry
-                product = torch.mm(aug[0][seg.rows], aug[1][seg.cols].T)
-                if first:
-                    view.add_(product)
-                else:
-                    view.copy_(product)
-            elif first:
-                view.addmm_(aug[0][seg.rows], aug[1][seg.cols].T)
-            else:
-                torch.mm(aug[0][seg.rows], aug[1][seg.cols].T, out=view)
+            self._expanded(aug_all[seg.frame], seg.rows, seg.cols, view, first)
         if formed and not first:
             self._direct_squares(rows, cols, out, direct, differences, first=False)
+
+    def _direct_distances(self, rows, cols, view, frame, direct, differences):
+        """One rectangle in a frame with direct coordinates: their squares and the frame's GEMM into ``view``."""
+        formed = not self.fused_direct
+        first = formed and self.spec.tile_sign > 0
+        if first:
+            self._direct_squares(rows, cols, view, direct, differences, first=True)
+        self._expanded(self._aug(self.geom.zt[1] is not None)[frame], rows, cols, view, first)
+        if formed and not first:
+            self._direct_squares(rows, cols, view, direct, differences, first=False)
+
+    @staticmethod
+    def _expanded(aug, rows, cols, view, accumulate):
+        """The expansion GEMM of one rectangle into ``view``, added to it with ``accumulate``."""
+        if aug is None:
+            if not accumulate:
+                view.zero_()
+        elif aug[0].dtype != view.dtype:  # float64 GEMM of a wide geometry
+            product = torch.mm(aug[0][rows], aug[1][cols].T)
+            if accumulate:
+                view.add_(product)
+            else:
+                view.copy_(product)
+        elif accumulate:
+            view.addmm_(aug[0][rows], aug[1][cols].T)
+        else:
+            torch.mm(aug[0][rows], aug[1][cols].T, out=view)
 
     def _direct_squares(self, rows, cols, out, direct, differences, first):
         """(hi_z - hi_x)^2 of every directly formed coordinate: written into ``out`` (``first``) or added with
@@ -229,11 +256,13 @@ class TileEvaluator:
             selfs.fill_(self.spec.tile_sign * float("inf"))
         found = []
         segments = geom.segments(rows, cols)
-        if len(segments) > 1 and getattr(self.elementwise, "separable", False):
+        if getattr(self.elementwise, "separable", False) and (len(segments) > 1 or geom.band is not None):
             for seg in segments:
                 r0, c0 = seg.rows.start - rows.start, seg.cols.start - cols.start
                 view = out[r0:seg.rows.stop - rows.start, c0:seg.cols.stop - cols.start]
                 frame = geom.frames[seg.frame]
+                if frame.certified:
+                    continue
                 idx = near_indices(view, frame.bz[seg.rows], frame.bx[seg.cols], self.spec.tile_sign)
                 if idx.numel():
                     found.append(idx + torch.tensor([r0, c0], device=idx.device))
@@ -244,7 +273,7 @@ class TileEvaluator:
             r0, c0 = seg.rows.start - rows.start, seg.cols.start - cols.start
             view = out[r0:seg.rows.stop - rows.start, c0:seg.cols.stop - cols.start]
             frame = geom.frames[seg.frame]
-            if self.fused_direct:
+            if self.fused_direct and frame.direct:
                 dout = None
                 if gradient:
                     dout = direct[:, r0:seg.rows.stop - rows.start, c0:seg.cols.stop - cols.start]

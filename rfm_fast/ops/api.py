@@ -27,13 +27,13 @@ import torch
 
 from .._config import memory_budget as resolve_budget
 from .._dispatch import choose
-from .._validation import Problem, check_flag, prepare
+from .._validation import Problem, all_finite, check_flag, prepare
 from ..core.autograd import KernelMatrixFunction, KernelMvFunction, needs_grad
 
 
 def _run(op: str, problem: Problem, backend: str, budget: int, **options):
     out = choose(op, problem, backend).function(op)(problem, budget, **options)
-    if op != "kernel_matrix" and out.numel() and not bool(torch.isfinite(out).all()):
+    if op != "kernel_matrix" and not all_finite(out):
         # Finite inputs can only give a non-finite result by overflowing the output dtype.
         raise ValueError(f"{op} overflows {problem.dtype}: its result is beyond the dtype's range for these inputs "
                          f"(bandwidth {problem.bandwidth:.3g}); use float64 inputs or a larger bandwidth")
