@@ -183,9 +183,6 @@ class Band:
             out.append(Segment(rows, slice(b, cols.stop), self.FRAME))
         return out
 
-    def subset(self, idx: torch.Tensor) -> "Band":
-        return Band(self.tz[idx.cpu().numpy()], self.tx, self.rho, self.rest)
-
 
 class Geometry:
     """Prepared points of one op call; see the module docstring. Built by :meth:`build`."""
@@ -320,11 +317,12 @@ class Geometry:
         full.direct, full.certified = False, True
         self.frames = [hybrid, full]
         self.perm_x, self.perm_z = perm_x, perm_z
-        # E: the largest rest of a full norm beyond t^2 (the hybrid norm and any second direct coordinate).
-        tails = [hybrid.xn] if self.same else [hybrid.zn, hybrid.xn]
-        if k > 1:
-            tails = [n + (t[:, 1:] * t[:, 1:]).sum(1) for n, t in zip(tails, [self.zt[0], self.xt[0]][-len(tails):])]
-        rest = sum(float(n.max()) for n in tails) * (2.0 if self.same else 1.0)
+        def largest_rest(norms, t):
+            # E of one side: the largest rest of a full norm beyond t^2 (the hybrid norm, any second direct one)
+            return float((norms + (t[:, 1:] * t[:, 1:]).sum(1)).max())
+
+        rest_x = largest_rest(hybrid.xn, self.xt[0])
+        rest = 2.0 * rest_x if self.same else rest_x + largest_rest(hybrid.zn, self.zt[0])
         rho = rtol_e * (1.0 + 2.0**-10) + 4.0 * (self.r + 2) * torch.finfo(self.dtype).eps
         lead = (lambda t: t[:, 0].contiguous().cpu().numpy())
         self.band = Band(lead(self.zt[0]), lead(self.xt[0]), rho, rest)
@@ -506,8 +504,7 @@ class Geometry:
                        self.perm_x, layout, labels)
         sub.wide = self.wide
         sub.bucket_of, sub.frame_offsets = self.bucket_of, self.frame_offsets
-        sub.band = None if self.band is None else self.band.subset(idx)
-        sub.rows_x = self.rows_x
+        sub.rows_x = self.rows_x  # a band stays with the value tiles: the subset's tiles are all hybrid
         return sub
 
     # ---- back to the input coordinates ------------------------------------------------------------------
