@@ -95,6 +95,7 @@ def all_finite(t: torch.Tensor) -> bool:
         return True
     if not t.is_floating_point():
         return True
+    t = t.detach()
     wide = torch.float32 if t.dtype in (torch.float16, torch.bfloat16) else None
     if math.isfinite(float(t.sum(dtype=wide))):
         return True

@@ -269,6 +269,18 @@ def _band_points(gen: torch.Generator, n: int, d: int) -> torch.Tensor:
     return X.float()
 
 
+def _band_problem(seed: int, n: int, d: int = 12) -> tuple:
+    """(X, Z, alpha, S, M64): band points, 300 evaluation points of them (every fifth moved by 1e-5), 3 outputs, a
+    one-direction factor S and M = S S^T in float64."""
+    gen = _gen(seed)
+    X = _band_points(gen, n, d)
+    Z = X[:300].clone()
+    Z[::5] += 1e-5
+    alpha = torch.randn(n, 3, generator=gen)
+    S = _one_direction_metric(d, gen)
+    return X, Z, alpha, S, S.double() @ S.double().T
+
+
 @pytest.mark.parametrize("kernel", KERNELS)
 @pytest.mark.parametrize("op", ["kernel_mv", "kernel_matrix", "kernel_normal_mv"])
 def test_band_of_a_learned_metric_keeps_value_ops_exact(kernel, op, monkeypatch):
@@ -280,14 +292,7 @@ def test_band_of_a_learned_metric_keeps_value_ops_exact(kernel, op, monkeypatch)
     from rfm_fast.ops.api import kernel_normal_mv
 
     monkeypatch.setattr(geometry, "BAND_MIN_N", 64)
-    gen = _gen(21)
-    n, d = 500, 12
-    X = _band_points(gen, n, d)
-    Z = X[:300].clone()
-    Z[::5] += 1e-5
-    alpha = torch.randn(n, 3, generator=gen)
-    S = _one_direction_metric(d, gen)
-    M64 = S.double() @ S.double().T
+    X, Z, alpha, S, M64 = _band_problem(21, 500)
     geom = Geometry.build(X, X, S @ S.T, KernelSpec(kernel, 3.0), allow_band=True)
     assert geom.band is not None and geom.kdir == 1
     for z in (X, Z):
@@ -339,27 +344,66 @@ def test_band_margin_holds_every_pair_the_expansion_leaves_near(monkeypatch):
     assert missed_narrow > 0
 
 
-def test_band_only_for_value_tiles_of_the_torch_pass(monkeypatch):
-    """Gradient schedules refuse a geometry with a band (its products are not split by segment), and the ops
-    that build one ask for it only for value tiles of the torch pass."""
+def _band_thresholds_low(monkeypatch) -> None:
     from rfm_fast.core import geometry
-    from rfm_fast.core.gradient import gradient_blocks
+
+    for name in ("BAND_MIN_N", "BAND_GRADIENT_MIN_N", "BAND_GRADIENT_MIN_N_WIDE"):
+        monkeypatch.setattr(geometry, name, 64)
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+@pytest.mark.parametrize("op,kw", [("kernel_grad", {}), ("agop", {}), ("agop", {"centered": True})])
+def test_band_of_a_learned_metric_keeps_gradient_ops_exact(kernel, op, kw, monkeypatch):
+    """Gradient tiles of the torch pass under a one-direction metric take the band too: the pairs outside a strip's
+    band get the direct coordinate's part by expansion from the whole-tile product, the band's pairs by direct
+    differences (their weights zeroed before that product). float32 within the usual tolerance of float64, with
+    self pairs, duplicates and near-duplicates, centres equal to the evaluation points or not, and the centred
+    AGOP (its sample of rows keeps the band)."""
+    _band_thresholds_low(monkeypatch)
+    X, Z, alpha, S, M64 = _band_problem(24, 600)
+    geom = Geometry.build(X, X, S @ S.T, KernelSpec(kernel, 3.0), allow_band="gradient")
+    assert geom.band is not None and geom.kdir == 1
+    for z in (X, Z):
+        out = call(op, z, X, alpha, None, kernel, 3.0, backend="torch", M_factor=S, **kw)
+        ref = reference(op, z, X, alpha, M64, kernel, 3.0, **kw)
+        err = rel_fro(out, ref)
+        assert err <= REL_FRO[torch.float32], f"{op}: relative error {err:.3g}"
+
+
+def test_band_gradient_split_matters(monkeypatch):
+    """The check above can fail: with the band's pairs left in the whole-tile product (their direct part by
+    expansion, as outside the band) the Laplace gradients of near-duplicates lose their digits."""
+    from rfm_fast.core import gradient
+
+    _band_thresholds_low(monkeypatch)
+    gen = _gen(24)
+    X = _band_points(gen, 600, 12)
+    alpha = torch.randn(600, 3, generator=gen)
+    S = _one_direction_metric(12, gen)
+    ref = reference("kernel_grad", X, X, alpha, S.double() @ S.double().T, "laplace", 3.0)
+    good = rel_fro(call("kernel_grad", X, X, alpha, None, "laplace", 3.0, M_factor=S), ref)
+    monkeypatch.setattr(gradient, "_band_span", lambda geom, rows, cols: (0, 0))
+    bad = rel_fro(call("kernel_grad", X, X, alpha, None, "laplace", 3.0, M_factor=S), ref)
+    assert good <= REL_FRO[torch.float32] < bad
+
+
+def test_band_takers_and_thresholds(monkeypatch):
+    """The torch pass takes the band for value and gradient tiles, the compiled pass for none (measured slower
+    there); gradient tiles take it from fewer centres when the factor has few coordinates; no band unless asked."""
+    from rfm_fast.backends.cpp import ops as cpp_ops
+    from rfm_fast.core import geometry
     from rfm_fast.core.ops import torch_evaluator
 
-    monkeypatch.setattr(geometry, "BAND_MIN_N", 64)
+    assert set(torch_evaluator.band) == {"value", "gradient"} and not getattr(cpp_ops._pass, "band", ())
+    assert geometry.band_min_n("gradient", 6) < geometry.band_min_n("value", 6) < geometry.band_min_n("gradient", 35)
     gen = _gen(23)
     X = _band_points(gen, 300, 8)
     S = _one_direction_metric(8, gen)
     spec = KernelSpec("laplace", 3.0)
-    geom = Geometry.build(X, X, S @ S.T, spec, allow_band=True)
-    assert geom.band is not None
+    assert Geometry.build(X, X, S @ S.T, spec, allow_band="gradient").band is None  # 300 centres: too few
+    _band_thresholds_low(monkeypatch)
+    assert Geometry.build(X, X, S @ S.T, spec, allow_band=True).band is not None
     assert Geometry.build(X, X, S @ S.T, spec).band is None
-    evaluator, _ = torch_evaluator(geom, True)
-    with pytest.raises(ValueError, match="no band"):
-        next(gradient_blocks(geom, torch.ones(300, 1), evaluator, 2**26))
-    from rfm_fast.backends.cpp import ops as cpp_ops
-
-    assert getattr(torch_evaluator, "band", False) and not getattr(cpp_ops._pass, "band", False)
 
 
 
@@ -643,3 +687,47 @@ def test_ops_leave_their_inputs_untouched(backend, dtype):
                 call(op, z, Xt, at, Mt, "laplace", 2.0, backend=backend)
         for t, s in zip(inputs, saved):
             assert t is None or torch.equal(t, s)
+
+
+def test_exact_from_float64_coordinates_keeps_every_pair_exact(monkeypatch):
+    """float32 work with a dense factor recomputes near pairs from float64 coordinates of the points (formed once,
+    r products a pair instead of d r) once many pairs come: s and u_z - u_x agree with the recomputation from the
+    points to 2^-26 for every pair, duplicates give exactly 0 and near-duplicates (one ulp, 1e-7 .. 1e-3 apart)
+    keep their digits because the pairs below the threshold tau are still formed from the points. Without that
+    fallback (tau = 0) the closest near-duplicates lose them: the check can fail."""
+    from rfm_fast.core import geometry
+
+    gen = _gen(25)
+    n, d = 400, 96
+    X = torch.randn(n, d, generator=gen, dtype=torch.float64)
+    X[1::7] = X[0::7][: X[1::7].shape[0]]
+    for k, sep in enumerate((1e-7, 1e-6, 1e-4, 1e-3)):
+        rows = slice(2 + k, n, 7)
+        X[rows] = X[0::7][: X[rows].shape[0]] + sep * torch.randn(X[rows].shape, generator=gen, dtype=torch.float64)
+    X = X.float()
+    X[6::7, 0] = torch.nextafter(X[0::7][: X[6::7].shape[0], 0], torch.tensor(math.inf))  # one ulp apart
+    X[6::7, 1:] = X[0::7][: X[6::7].shape[0], 1:]
+    Q, _ = torch.linalg.qr(torch.randn(d, d, generator=gen, dtype=torch.float64))
+    M = ((Q * torch.logspace(0, -6, d, dtype=torch.float64)) @ Q.T).float()
+    geom = Geometry.build(X, X, M, KernelSpec("laplace", 2.0), allow_frames=False)
+    assert geom.factor.kind == "dense" and geom.kdir == 0
+    rows = torch.arange(n).repeat_interleave(7)
+    cols = (rows + torch.arange(7).repeat(n)) % n  # each point against itself and its 6 successors
+    s_raw, diff_raw = geom._exact_raw(rows, cols, True)
+    s, diff = geom.exact(rows, cols, with_diff=True)
+    assert geom._coords64 is not None  # 2800 pairs asked for: more than half of the 400 points
+    assert bool((s[rows == cols] == 0).all()) and bool((s[s_raw == 0] == 0).all())
+    err = ((s - s_raw).abs() / s_raw.clamp_min(1e-300)).max()
+    assert float(err) <= 2.0**-26
+    assert float(((diff - diff_raw).norm(dim=1) / s_raw.sqrt().clamp_min(1e-300)).max()) <= 2.0**-26
+    # the fallback matters: the pairs below tau, taken from the float64 coordinates too, lose their digits
+    uz, nz, ux, nx = geom._coords64
+    close = (s_raw > 0) & (s_raw <= d * d * 2.0**-50 * (nz[rows] + nx[cols]))
+    assert bool(close.any())
+    u = uz[rows] - ux[cols]
+    loose = ((u * u).sum(1) - s_raw).abs() / s_raw.clamp_min(1e-300)
+    assert float(loose[close].max()) > 2.0**-26
+    # float64 work, or float64 coordinates over the memory cap: always from the points
+    assert Geometry.build(X.double(), X.double(), M.double(), KernelSpec("laplace", 2.0))._exact_coords() is None
+    monkeypatch.setattr(geometry, "EXACT_COORDS_MAX_BYTES", 0)
+    assert Geometry.build(X, X, M, KernelSpec("laplace", 2.0))._exact_coords() is None

@@ -63,8 +63,19 @@ WIDE_SAMPLE = 1024
 # that meets the band cost about what it saves (measured, learned M, torch mat-vec: 1.06 with it against 1.03
 # without at n = 4000, d = 64; 0.99 against 1.06 at n = 6000; 0.89 against 1.06 at n = 16000).
 BAND_MIN_N = 4096
+# Gradient tiles: from BAND_GRADIENT_MIN_N centres when the factor has at most BAND_GRADIENT_SMALL_R coordinates (the
+# direct passes are then much of a tile's work), else from BAND_GRADIENT_MIN_N_WIDE. Measured, torch AGOP, learned M
+# over M = I, without and with the band: d = 10 (r = 6): 1.32 / 1.37 at n = 2000, 1.32 / 1.21 at 3000, 1.36 / 1.21
+# at 4000, 1.34 / 1.03 at 8000; d = 64 (r = 35): 0.77 / 0.82 at 4000, 0.75 / 0.77 at 6000, 0.76 / 0.73 at 8000.
+BAND_GRADIENT_MIN_N = 3072
+BAND_GRADIENT_SMALL_R = 16
+BAND_GRADIENT_MIN_N_WIDE = 8192
 # Exact recomputations are formed this many elements at a time (bounded working memory).
 EXACT_CHUNK_ELEMS = 2**20
+# float32 work with a dense factor: once an op's near pairs are projected to number at least half its points, their
+# exact s comes from float64 coordinates (t - c) F of every point, formed once (``Geometry.exact``: r products a
+# pair instead of d r), as long as those take at most EXACT_COORDS_MAX_BYTES.
+EXACT_COORDS_MAX_BYTES = 2**28
 
 
 _REUSE: Optional[dict] = None
@@ -170,6 +181,10 @@ class Band:
             self._cache[key] = hit
         return hit
 
+    def rows_subset(self, idx: torch.Tensor) -> "Band":
+        """The band of the evaluation points idx (sorted permuted indices: still in ascending t)."""
+        return Band(self.tz[idx.cpu().numpy()], self.tx, self.rho, self.rest)
+
     def segments(self, rows: slice, cols: slice) -> list:
         if rows.stop <= rows.start or cols.stop <= cols.start:
             return [Segment(rows, cols, 0)]
@@ -206,6 +221,9 @@ class Geometry:
         self.bucket_of, self.frame_offsets = None, None  # with frames: component -> bucket, (buckets, re)
         self.band: Optional[Band] = None
         self._x_runs = None
+        self.centre64: Optional[torch.Tensor] = None  # (1, d) float64: the centring point
+        self._tiled, self._exact_seen = 0, 0  # pairs of finished tiles, pairs recomputed exactly (``exact``)
+        self._coords64 = None  # (u64_z, n_z, u64_x, n_x) in the order of self.z / self.x, once built
         self.dtype, self.device = z.dtype, z.device
         self.m, self.n, self.d = z.shape[0], x.shape[0], z.shape[1]
         self.r = factor.r
@@ -214,12 +232,12 @@ class Geometry:
     @classmethod
     def build(cls, z: torch.Tensor, x: torch.Tensor, M: Optional[torch.Tensor], spec: KernelSpec, *,
               precision: Optional[str] = None, allow_direct: bool = True, allow_frames: bool = True,
-              allow_wide: bool = True, allow_band: bool = False) -> "Geometry":
+              allow_wide: bool = True, allow_band=False) -> "Geometry":
         """Prepare z (m, d), x (n, d) (one float dtype and device) for ``spec``. ``precision="tf32"`` selects the
         near threshold of tf32 products (Triton); ``allow_direct=False`` keeps every coordinate in the expansion
         and ``allow_frames=False`` one centring frame, ``allow_wide=False`` no float64 distance GEMMs (for kernels
-        that have none of these); ``allow_band=True`` lets value tiles use a band (``Band``; gradient schedules
-        take none)."""
+        that have none of these); ``allow_band`` "value" (or True) or "gradient" lets tiles of that kind use a band
+        (``Band``; from ``band_min_n`` centres on)."""
         options = (precision, allow_direct, allow_frames, allow_wide, allow_band)
         if _REUSE is not None:
             key = _reuse_key(z, x, M, spec, options)
@@ -282,10 +300,12 @@ class Geometry:
                        *((None, None) if not wide else (ue64_z[:, kdir:].contiguous(), ue64_x[:, kdir:].contiguous())))
         geom = cls(spec, factor, z, x, same, [frame], zt, xt, kdir, None, None)
         geom.wide = wide
+        geom.centre64 = centre
         if allow_frames and x.shape[0] >= 2 * MIN_FRAMED and factor.r > DIRECT_MAX_R and ue_x.numel():
             geom._add_frames(ue_x, ue_z, spec.near_rtol(dtype, precision), rtol_d, ue64_x is not None, rtol_e,
                              centre)
-        if allow_band and kdir and geom.layout is None and not wide and x.shape[0] >= BAND_MIN_N and z.shape[0]:
+        if (allow_band and kdir and geom.layout is None and not wide and z.shape[0]
+                and x.shape[0] >= band_min_n(allow_band, factor.r)):
             geom._add_band(rtol_e, ue_x, ue_z)
         return geom
 
@@ -468,19 +488,77 @@ class Geometry:
         and measured 2-3% slower on Deep RFM's digits features once the gradient products stopped splitting.)"""
         return [slice(s, min(self.n, s + block)) for s in range(0, self.n, block)]
 
+    def count_tile(self, pairs: int) -> None:
+        """Book the pairs of a finished tile (``exact`` projects its near pairs' share from them)."""
+        self._tiled += pairs
+
     def exact(self, r_idx: torch.Tensor, c_idx: torch.Tensor, with_diff: bool = False):
         """Exact s (and, with ``with_diff``, u_z - u_x in the factor's coordinates, (k, r)) of the pairs
         (z[r_idx], x[c_idx]) (permuted indices), from the original points in float64: exactly 0 for equal
-        points, whatever the magnitude of the data."""
+        points, whatever the magnitude of the data.
+
+        float32 work with a dense factor, once many pairs come here (EXACT_COORDS_MAX_BYTES): from float64
+        coordinates of the points instead, u_z - u_x, whose rounding (~d eps64 |u|) is below 2^-26 of s for every
+        pair with s > tau (||u_z||^2 + ||u_x||^2), tau = d^2 2^-50; the pairs at or below that (duplicates,
+        near-duplicates) are still formed from the points."""
         k = r_idx.shape[0]
+        self._exact_seen += k
+        rz_all = r_idx if self.rows_z is None else self.rows_z[r_idx]
+        cx_all = c_idx if self.rows_x is None else self.rows_x[c_idx]
+        coords = self._exact_coords()
+        if coords is None:
+            return self._exact_raw(rz_all, cx_all, with_diff)
+        uz, nz, ux, nx = coords
+        s = torch.empty(k, dtype=torch.float64, device=self.device)
+        diff = torch.empty(k, self.r, dtype=torch.float64, device=self.device) if with_diff else None
+        tau = min(2.0**-8, self.d * self.d * 2.0**-50)
+        step = max(1, EXACT_CHUNK_ELEMS // max(1, self.r))
+        for start in range(0, k, step):
+            part = slice(start, start + step)
+            rz, cx = rz_all[part], cx_all[part]
+            u = uz[rz] - ux[cx]
+            s_part = (u * u).sum(1)
+            low = torch.nonzero(s_part <= tau * (nz[rz] + nx[cx])).flatten()
+            if low.numel():
+                again = self._exact_raw(rz[low], cx[low], with_diff)
+                if with_diff:
+                    s_part[low], u[low] = again
+                else:
+                    s_part[low] = again
+            s[part] = s_part
+            if with_diff:
+                diff[part] = u
+        return (s, diff) if with_diff else s
+
+    def _exact_coords(self):
+        """float64 coordinates for ``exact`` when they pay (see there and EXACT_COORDS_MAX_BYTES), else None."""
+        if self._coords64 is not None:
+            return self._coords64
+        if self.dtype != torch.float32 or self.factor.kind != "dense" or self.centre64 is None:
+            return None
+        projected = self._exact_seen * (self.m * self.n) / self._tiled if self._tiled else self._exact_seen
+        points = self.n + (0 if self.same else self.m)
+        if projected < points / 2 or points * self.r * 8 > EXACT_COORDS_MAX_BYTES:
+            return None
+        sigma = self.spec.coord_scale
+        ux = self.factor.transform(self.x - self.centre64, sigma)  # float32 - float64: exact differences
+        nx = (ux * ux).sum(1)
+        if self.same:
+            self._coords64 = (ux, nx, ux, nx)
+        else:
+            uz = self.factor.transform(self.z - self.centre64, sigma)
+            self._coords64 = (uz, (uz * uz).sum(1), ux, nx)
+        return self._coords64
+
+    def _exact_raw(self, rz_all: torch.Tensor, cx_all: torch.Tensor, with_diff: bool):
+        """``exact`` from the points, for indices already in the order of self.z / self.x."""
+        k = rz_all.shape[0]
         s = torch.empty(k, dtype=torch.float64, device=self.device)
         diff = torch.empty(k, self.r, dtype=torch.float64, device=self.device) if with_diff else None
         step = max(1, EXACT_CHUNK_ELEMS // max(1, self.d))
         for start in range(0, k, step):
             part = slice(start, start + step)
-            rz = r_idx[part] if self.rows_z is None else self.rows_z[r_idx[part]]
-            cx = c_idx[part] if self.rows_x is None else self.rows_x[c_idx[part]]
-            raw = self.z[rz].to(torch.float64) - self.x[cx].to(torch.float64)
+            raw = self.z[rz_all[part]].to(torch.float64) - self.x[cx_all[part]].to(torch.float64)
             u = self.factor.transform(raw, self.spec.coord_scale)
             s[part] = (u * u).sum(1)
             if with_diff:
@@ -504,7 +582,10 @@ class Geometry:
                        self.perm_x, layout, labels)
         sub.wide = self.wide
         sub.bucket_of, sub.frame_offsets = self.bucket_of, self.frame_offsets
-        sub.rows_x = self.rows_x  # a band stays with the value tiles: the subset's tiles are all hybrid
+        sub.rows_x = self.rows_x
+        sub.centre64 = self.centre64
+        if self.band is not None:
+            sub.band = self.band.rows_subset(idx)
         return sub
 
     # ---- back to the input coordinates ------------------------------------------------------------------
@@ -527,6 +608,13 @@ class Geometry:
     def permute_alpha(self, alpha: torch.Tensor) -> torch.Tensor:
         """alpha (n, c) in the permuted order of the centres."""
         return alpha if self.perm_x is None else alpha[self.perm_x]
+
+
+def band_min_n(tiles, r: int) -> int:
+    """Centres from which tiles of kind ``tiles`` ("value" or True, "gradient") take a band, for a factor of rank r."""
+    if tiles == "gradient":
+        return BAND_GRADIENT_MIN_N if r <= BAND_GRADIENT_SMALL_R else BAND_GRADIENT_MIN_N_WIDE
+    return BAND_MIN_N
 
 
 def _order(t: torch.Tensor) -> torch.Tensor:

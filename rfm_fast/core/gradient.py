@@ -73,22 +73,45 @@ class _Coords:
 
 class _Coefficients:
     """Right-hand sides [alpha | alpha (x) u_e] of the weight GEMMs: whole when they fit half the budget, else built
-    per slice."""
+    per slice.
+
+    With a band (``Geometry.band``) they carry ``extra`` columns [alpha | alpha (x) hi_t] after the ``prefix``:
+    the whole-tile product, from weights with the band's entries zeroed, gives sum_out w alpha and sum_out w alpha
+    t_i over the pairs outside the band, whose direct part is then (W_out alpha)_j t_j - (W_out (alpha t))_j (no
+    pair there is near in the expansion: its cancellation is that of the identity metric's); the band's entries
+    go through the ``prefix`` columns and the direct differences."""
 
     def __init__(self, geom: Geometry, alpha: torch.Tensor, budget: int):
         self.geom, self.alpha = geom, alpha
         self.coords = _Coords(geom)
         c = alpha.shape[1]
-        self.width = c + c * self.coords.width
+        self.prefix, self.extra = self.widths(geom, c)
+        self.width = self.prefix + self.extra
         item = alpha.element_size()
-        self.whole = self.coords.width > 0 and coefficients_whole(geom.n, self.width, item, budget)
-        self.full = stacked_coefficients(alpha, self.coords.x()) if self.whole else None
+        self.whole = self.needed and coefficients_whole(geom.n, self.width, item, budget)
+        self.full = self._build(slice(0, geom.n)) if self.whole else None
         self.bytes = geom.n * self.width * item if self.whole else 0
+
+    @staticmethod
+    def widths(geom: Geometry, c: int) -> tuple:
+        """(prefix, extra) column counts for c outputs."""
+        return c + c * _Coords(geom).width, (c + c * geom.kdir if geom.band is not None else 0)
+
+    @property
+    def needed(self) -> bool:
+        """Whether the weight GEMMs have anything to add (not when every coordinate is direct and uncompensated)."""
+        return self.width > self.alpha.shape[1]
+
+    def _build(self, cols: slice) -> torch.Tensor:
+        base = stacked_coefficients(self.alpha[cols], self.coords.x()[cols])
+        if not self.extra:
+            return base
+        return torch.cat([base, stacked_coefficients(self.alpha[cols], self.geom.xt[0][cols])], 1)
 
     def __call__(self, cols: slice) -> torch.Tensor:
         if self.whole:
             return self.full[cols]
-        return stacked_coefficients(self.alpha[cols], self.coords.x()[cols])
+        return self._build(cols)
 
 
 def _buckets(geom: Geometry) -> int:
@@ -114,15 +137,17 @@ def _tile_products(geom: Geometry, acc: torch.Tensor, tile: torch.Tensor, coeffs
 
 
 def _finish(geom: Geometry, rows: slice, acc: torch.Tensor, direct_acc: Optional[torch.Tensor], c: int,
-            out: torch.Tensor, coords: "_Coords", P: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """G~ (R, c, r) of ``rows`` from the accumulator (R, width), the direct one (kdir, c, R) and, with frames, the
-    per-bucket sums P (buckets, R, c)."""
+            out: torch.Tensor, coeffs: _Coefficients, P: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """G~ (R, c, r) of ``rows`` from the accumulator (R, coeffs.width), the direct one (kdir, c, R) and, with
+    frames, the per-bucket sums P (buckets, R, c)."""
+    coords = coeffs.coords
     R, re, k, kl = rows.stop - rows.start, geom.re, geom.kdir, coords.k
     G = out[:R]
     width = coords.width
+    acc_all_v = acc[:, c:coeffs.prefix].view(R, c, width)
     if re:
         part = G[:, :, k:]
-        acc_v = acc[:, c:].view(R, c, width)[:, :, :re]
+        acc_v = acc_all_v[:, :, :re]
         ze = coords.frame.ze
         if P is None:
             torch.mul(acc[:, :c, None], ze[rows, None, :], out=part)
@@ -140,7 +165,13 @@ def _finish(geom: Geometry, rows: slice, acc: torch.Tensor, direct_acc: Optional
     if kl:
         lo = G[:, :, :k]
         lo.addcmul_(acc[:, :c, None], geom.zt[1][rows, None, :])
-        lo.sub_(acc[:, c:].view(R, c, width)[:, :, re:])
+        lo.sub_(acc_all_v[:, :, re:])
+    if coeffs.extra:  # the direct part of the pairs outside the band, by expansion
+        out_alpha = acc[:, coeffs.prefix:coeffs.prefix + c]
+        out_t = acc[:, coeffs.prefix + c:].view(R, c, k)
+        direct = G[:, :, :k]
+        direct.addcmul_(out_alpha[:, :, None], geom.zt[0][rows, None, :])
+        direct.sub_(out_t)
     return G
 
 
@@ -157,10 +188,49 @@ def _add_near(geom, acc_rows, direct_rows, near: NearPairs, alpha_cols, sign=1.0
     tmp = torch.zeros(rows.shape[0], c, geom.r, dtype=acc_rows.dtype, device=acc_rows.device)
     add_near_field(tmp, kept, alpha_cols, geom.spec, sign=sign, weights=None if weights is None else weights[keep])
     if geom.re:
-        part = acc_rows[:, c:].view(-1, c, width or geom.re)[:, :, :geom.re]
+        part = acc_rows[:, c:c + c * (width or geom.re)].view(-1, c, width or geom.re)[:, :, :geom.re]
         part.index_add_(0, rows, tmp[:, :, k:], alpha=-1.0)
     if k:
         direct_rows.index_add_(2, rows, tmp[:, :, :k].permute(2, 1, 0))
+
+
+def _band_span(geom: Geometry, rows: slice, cols: slice) -> tuple:
+    """Local (a, b): the columns of tile (rows, cols) whose pairs are evaluated with the direct coordinates (all of
+    them without a band; (0, 0) when the tile misses the band)."""
+    if geom.band is None:
+        return 0, cols.stop - cols.start
+    a, b = geom.band.columns(rows)
+    a, b = max(a, cols.start), min(b, cols.stop)
+    return (a - cols.start, b - cols.start) if a < b else (0, 0)
+
+
+def _direct_and_band(geom, evaluator, coeffs, W, direct, rows, cols, alpha, acc, direct_acc, acc_cols=None,
+                     direct_acc_cols=None) -> None:
+    """For the finished weights W of tile (rows, cols): the direct coordinates' part ((W o D_k) alpha) of the
+    pairs evaluated with them (direct_acc (k, c, R); with ``direct_acc_cols`` (k, c, C) also the mirrored side's,
+    -(W o D_k)^T alpha). With a band, those pairs' products with the ``prefix`` coefficients are added here (acc,
+    and acc_cols mirrored) and their weights zeroed, so that the tile's whole product sees only the pairs outside
+    the band (``_Coefficients``)."""
+    a, b = _band_span(geom, rows, cols)
+    if b <= a:
+        return
+    Wb = W[:, a:b]
+    band = slice(cols.start + a, cols.start + b)
+    for q in range(geom.kdir):
+        D = direct[q][:, a:b]
+        if not evaluator.weighted_direct:
+            D.mul_(Wb)
+        direct_acc[q].addmm_(alpha[band].T, D.T)
+        if direct_acc_cols is not None:
+            direct_acc_cols[q][:, a:b].addmm_(alpha[rows].T, D, alpha=-1.0)
+    if geom.band is None:
+        return
+    pre = coeffs.prefix
+    if coeffs.coords.width:
+        acc[:, :pre].addmm_(Wb, coeffs(band)[:, :pre])
+        if acc_cols is not None:
+            acc_cols[a:b, :pre].addmm_(Wb.T, coeffs(rows)[:, :pre])
+    Wb.zero_()
 
 
 def gradient_blocks(geom: Geometry, alpha: torch.Tensor, evaluator: TileEvaluator, budget: int, *,
@@ -170,8 +240,6 @@ def gradient_blocks(geom: Geometry, alpha: torch.Tensor, evaluator: TileEvaluato
     buffer. ``alpha`` (n, c) in the permuted order of the centres. ``scratch_cells``: tile-sized scratch buffers
     the evaluator needs (counted in the budget). ``pair_weights`` (m, n): multiply every w_ji by it (the
     backward of kernel_matrix); one-sided schedule only."""
-    if geom.band is not None:
-        raise ValueError("gradient tiles take no band: build their geometry with allow_band=False")
     if geom.same and pair_weights is None:
         plan = _symmetric_plan(geom, alpha.shape[1], alpha.element_size(), budget, scratch_cells)
         if plan is not None:
@@ -188,7 +256,7 @@ def _one_sided(geom, alpha, evaluator, budget, scratch_cells, pair_weights):
     nb = _buckets(geom)
     plan = plan_tiles(m, n, budget - coeffs.bytes,
                       per_row=item * (width + 2 * c * r + k * c + nb * c),
-                      per_col=0 if coeffs.whole or coeffs.coords.width == 0 else width * item,
+                      per_col=0 if coeffs.whole or not coeffs.needed else width * item,
                       per_cell=item * (1 + scratch_cells + k), device=alpha.device, what="a gradient tile")
     dev, dt = alpha.device, alpha.dtype
     tile_buf = torch.empty(plan.rows * plan.cols, dtype=dt, device=dev)
@@ -215,13 +283,10 @@ def _one_sided(geom, alpha, evaluator, budget, scratch_cells, pair_weights):
                 pw = None if near is None else block[near.rows, near.cols]
             if near is not None:
                 _add_near(geom, acc, direct_acc, near, alpha[cols], weights=pw, width=coeffs.coords.width)
-            for q in range(k):
-                if not evaluator.weighted_direct:
-                    direct[q].mul_(tile)
-                direct_acc[q].addmm_(alpha[cols].T, direct[q].T)
-            if coeffs.coords.width:
+            _direct_and_band(geom, evaluator, coeffs, tile, direct, rows, cols, alpha, acc, direct_acc)
+            if coeffs.needed:
                 _tile_products(geom, acc, tile, coeffs, rows, cols, alpha, P)
-        yield rows, _finish(geom, rows, acc, direct_acc, c, out_buf, coeffs.coords, P)
+        yield rows, _finish(geom, rows, acc, direct_acc, c, out_buf, coeffs, P)
 
 
 def _symmetric_plan(geom, c, item, budget, scratch_cells):
@@ -229,12 +294,12 @@ def _symmetric_plan(geom, c, item, budget, scratch_cells):
     block slices), one block x block tile, per block row the strip buffers (scratch, direct differences) and the
     output rows; the rest holds the group's accumulators (with frames, the per-bucket sums too)."""
     r, k = geom.r, geom.kdir
-    cw = _Coords(geom).width
-    width = c + c * cw
-    whole = cw > 0 and coefficients_whole(geom.n, width, item, budget)
+    width = sum(_Coefficients.widths(geom, c))
+    needed = width > c
+    whole = needed and coefficients_whole(geom.n, width, item, budget)
     fixed = geom.n * width * item if whole else 0
     strip = strip_rows(geom.device, gradient=True)
-    slices = 0 if whole or cw == 0 else 2 * width
+    slices = 0 if whole or not needed else 2 * width
     per_block_row = item * (strip * (scratch_cells + k) + c * r + slices)
     return plan_symmetric(geom.n, budget, fixed=fixed, per_block_cell=item, per_block_row=per_block_row,
                           per_acc_row=item * (width + k * c + _buckets(geom) * c), device=geom.device)
@@ -285,13 +350,10 @@ def _symmetric(geom, alpha, evaluator, budget, plan, scratch_cells):
                         flipped = NearPairs(near.cols, near.rows, near.s, near.diff)
                         _add_near(geom, acc[lc], direct_acc[:, :, lc], flipped, alpha[part], sign=-1.0,
                                   width=coeffs.coords.width)
-                for q in range(k):
-                    if not evaluator.weighted_direct:
-                        direct[q].mul_(view)
-                    direct_acc[q, :, lp].addmm_(alpha[cols].T, direct[q].T)
-                    if mirrored:
-                        direct_acc[q, :, lc].addmm_(alpha[part].T, direct[q], alpha=-1.0)
-            if coeffs.coords.width:
+                _direct_and_band(geom, evaluator, coeffs, view, direct, part, cols, alpha, acc[lp],
+                                 direct_acc[:, :, lp], acc[lc] if mirrored else None,
+                                 direct_acc[:, :, lc] if mirrored else None)
+            if coeffs.needed:
                 lr = slice(rows.start - g0, rows.stop - g0)
                 _tile_products(geom, acc[lr], tile, coeffs, rows, cols, alpha, None if P is None else P[:, lr],
                                acc_cols=acc[lc] if mirrored else None,
@@ -299,7 +361,7 @@ def _symmetric(geom, alpha, evaluator, budget, plan, scratch_cells):
         for I in group:
             rows = blocks[I]
             lr = slice(rows.start - g0, rows.stop - g0)
-            yield rows, _finish(geom, rows, acc[lr], direct_acc[:, :, lr], c, out_buf, coeffs.coords,
+            yield rows, _finish(geom, rows, acc[lr], direct_acc[:, :, lr], c, out_buf, coeffs,
                                 None if P is None else P[:, lr])
 
 

@@ -51,15 +51,14 @@ def torch_evaluator(geom: Geometry, gradient: bool):
     return TileEvaluator(geom, _LazyScratchPass()), (1 if gradient and geom.spec.laplace else 0)
 
 
-# Value tiles of the torch pass take the band (``Geometry.band``): its near test and its direct passes are separate
-# torch passes, which the band skips for most pairs.
-torch_evaluator.band = True
+# The tiles ("value", "gradient") for which an evaluator takes the band (``Geometry.band``). The torch pass takes it
+# for both: its near test and its direct passes are separate torch passes, which the band skips for most pairs.
+torch_evaluator.band = ("value", "gradient")
 
 
-def _value_geometry(z, x, M, spec, make_evaluator) -> Geometry:
-    """The geometry of a value-tile op (mat-vec, kernel matrix, normal product): with a band where the evaluator
-    takes one."""
-    return Geometry.build(z, x, M, spec, allow_band=getattr(make_evaluator, "band", False))
+def _geometry(z, x, M, spec, make_evaluator, tiles: str = "value") -> Geometry:
+    """The geometry of an op on value or gradient ``tiles``: with a band where the evaluator takes one."""
+    return Geometry.build(z, x, M, spec, allow_band=tiles if tiles in getattr(make_evaluator, "band", ()) else False)
 
 
 def pass_evaluator(elementwise: ElementwisePass) -> EvaluatorFactory:
@@ -80,7 +79,7 @@ def _unpermute_matrix(geom: Geometry, K: torch.Tensor) -> torch.Tensor:
 def kernel_matrix(z, x, M, spec: KernelSpec, budget: int, make_evaluator: EvaluatorFactory,
                   geom: Optional[Geometry] = None) -> torch.Tensor:
     """K (m, n), K[j, i] = k_M(z_j, x_i)."""
-    geom = geom or _value_geometry(z, x, M, spec, make_evaluator)
+    geom = geom or _geometry(z, x, M, spec, make_evaluator)
     if geom.degenerate:
         return torch.ones(geom.m, geom.n, dtype=z.dtype, device=z.device)
     evaluator, _ = make_evaluator(geom, False)
@@ -90,7 +89,7 @@ def kernel_matrix(z, x, M, spec: KernelSpec, budget: int, make_evaluator: Evalua
 def kernel_mv(z, x, alpha, M, spec: KernelSpec, budget: int, make_evaluator: EvaluatorFactory,
               geom: Optional[Geometry] = None) -> torch.Tensor:
     """K(z, x) alpha, (m, c)."""
-    geom = geom or _value_geometry(z, x, M, spec, make_evaluator)
+    geom = geom or _geometry(z, x, M, spec, make_evaluator)
     if geom.degenerate:
         return alpha.sum(0, keepdim=True).expand(geom.m, -1).clone()
     evaluator, _ = make_evaluator(geom, False)
@@ -101,7 +100,7 @@ def kernel_mv(z, x, alpha, M, spec: KernelSpec, budget: int, make_evaluator: Eva
 def kernel_normal_mv(z, x, alpha, M, spec: KernelSpec, budget: int, make_evaluator: EvaluatorFactory,
                      geom: Optional[Geometry] = None) -> torch.Tensor:
     """K(z, x)^T (K(z, x) alpha), (n, c) float64: each tile of K computed once (``matvec.kernel_normal_mv``)."""
-    geom = geom or _value_geometry(z, x, M, spec, make_evaluator)
+    geom = geom or _geometry(z, x, M, spec, make_evaluator)
     if geom.degenerate:
         return (geom.m * alpha.to(torch.float64).sum(0, keepdim=True)).expand(geom.n, -1).clone()
     evaluator, _ = make_evaluator(geom, False)
@@ -124,7 +123,7 @@ def raw_gradient_blocks(geom: Geometry, alpha: torch.Tensor, budget: int, make_e
 def kernel_grad(z, x, alpha, M, spec: KernelSpec, budget: int, make_evaluator: EvaluatorFactory,
                 geom: Optional[Geometry] = None) -> torch.Tensor:
     """J (m, c, d), J[j] = d f / d z at z_j."""
-    geom = geom or Geometry.build(z, x, M, spec)
+    geom = geom or _geometry(z, x, M, spec, make_evaluator, "gradient")
     m, c, d = geom.m, alpha.shape[1], geom.d
     if geom.degenerate:
         return torch.zeros(m, c, d, dtype=z.dtype, device=z.device)
@@ -137,7 +136,7 @@ def kernel_grad(z, x, alpha, M, spec: KernelSpec, budget: int, make_evaluator: E
 def agop(z, x, alpha, M, spec: KernelSpec, budget: int, make_evaluator: EvaluatorFactory, *, centered: bool,
          diag: bool, geom: Optional[Geometry] = None) -> torch.Tensor:
     """AGOP (d, d), or its diagonal (d,)."""
-    geom = geom or Geometry.build(z, x, M, spec)
+    geom = geom or _geometry(z, x, M, spec, make_evaluator, "gradient")
     m, c, d = geom.m, alpha.shape[1], geom.d
     if geom.degenerate:
         zeros = torch.zeros(d, d, dtype=z.dtype, device=z.device)

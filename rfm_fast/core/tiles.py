@@ -290,7 +290,9 @@ class TileEvaluator:
     def finish_near(self, rows: slice, cols: slice, out: torch.Tensor, found: list,
                     gradient: bool) -> Optional[NearPairs]:
         """Exact recomputation of the near pairs ``found`` (lists of local (k, 2) indices) of a finished tile."""
-        _COUNTS["pairs"] += (rows.stop - rows.start) * (cols.stop - cols.start)
+        size = (rows.stop - rows.start) * (cols.stop - cols.start)
+        _COUNTS["pairs"] += size
+        self.geom.count_tile(size)
         if not found:
             return None
         idx = found[0] if len(found) == 1 else torch.cat(found)
