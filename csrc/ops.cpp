@@ -11,7 +11,8 @@
 //                      the gradient weights (gradient = true, near entries set to 0); returns the near pairs as
 //                      (k, 2) int64 local (row, col) indices. With zh (R, k), xh (k, C) (k <= 4 directly formed
 //                      coordinates' high parts) it first adds sum (zh - xh)^2 to s, and a gradient pass writes
-//                      w (zh - xh) into dout (k, R, C).
+//                      w (zh - xh) into dout (k, R, C), or, for one output, accumulates acc_rows (k, R) +=
+//                      (w o (zh - xh)) alpha_cols and, mirrored, acc_cols (k, C) -= (w o (zh - xh))^T alpha_rows.
 //   kernel_mv (CUDA)   -> (m, c):  f_j = sum_i alpha_i k(z_j, x_i)
 //   kernel_grad (CUDA) -> (m, c + c r): per row [sum_i w alpha_i | sum_i w alpha_i (x) u_x,i - near field], the
 //                      accumulator from which the core forms G~ = acc_alpha (x) u_z - acc_V (rfm_fast/core/gradient.py)
@@ -24,7 +25,8 @@
 TORCH_LIBRARY(rfm_fast, m) {
   m.def(
       "tile_pass_(Tensor(a!) tile, Tensor bz, Tensor bx, float sign, bool laplace, bool gradient, Tensor? zh=None, "
-      "Tensor? xh=None, Tensor(b!)? dout=None) -> Tensor");
+      "Tensor? xh=None, Tensor(b!)? dout=None, Tensor? alpha_cols=None, Tensor? alpha_rows=None, "
+      "Tensor(c!)? acc_rows=None, Tensor(d!)? acc_cols=None) -> Tensor");
   m.def(
       "kernel_mv(Tensor ze, Tensor xe, Tensor zn, Tensor xn, Tensor bz, Tensor bx, Tensor alpha, Tensor z, "
       "Tensor x, Tensor? F, float sigma, bool laplace, bool direct, int tile_rows) -> Tensor");

@@ -731,3 +731,31 @@ def test_exact_from_float64_coordinates_keeps_every_pair_exact(monkeypatch):
     assert Geometry.build(X.double(), X.double(), M.double(), KernelSpec("laplace", 2.0))._exact_coords() is None
     monkeypatch.setattr(geometry, "EXACT_COORDS_MAX_BYTES", 0)
     assert Geometry.build(X, X, M, KernelSpec("laplace", 2.0))._exact_coords() is None
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_wide_hybrid_for_a_leading_direction_of_a_large_factor(kernel):
+    """Beyond HYBRID_GRAM_R coordinates the leading direction is formed directly once it holds most of the spread
+    (here ~90%), with float64 only for it and the rest in float32 under one more near-bound term: float32 within
+    the usual tolerance of float64 for every op and both tile backends, with duplicates and near-duplicates."""
+    from rfm_fast.core import geometry
+
+    gen = _gen(26)
+    n, d = 700, 160
+    X = _band_points(gen, n, d)
+    Z = X[:300].clone()
+    Z[::5] += 1e-5
+    alpha = torch.randn(n, 3, generator=gen)
+    Q, _ = torch.linalg.qr(torch.randn(d, d, generator=gen, dtype=torch.float64))
+    evals = torch.cat([torch.ones(1, dtype=torch.float64), 0.5 * torch.logspace(-2, -5, d - 1, dtype=torch.float64)])
+    M = ((Q * evals) @ Q.T).float()
+    geom = Geometry.build(X, X, M, KernelSpec(kernel, 3.0))
+    assert geom.r > geometry.HYBRID_GRAM_R and geom.kdir == 1 and geom.xt[1] is not None
+    f = geom.frames[0]
+    assert bool((f.bx >= geometry.HYBRID_FLOAT32_RTOL * (f.xn + (geom.xt[0] ** 2).sum(1))).all())
+    for z in (X, Z):
+        for op in ("kernel_mv", "kernel_grad", "agop"):
+            ref = reference(op, z, X, alpha, M, kernel, 3.0)
+            for backend in [b for b in ("torch", "cpp") if b in rfm_fast.available_backends("cpu")]:
+                err = rel_fro(call(op, z, X, alpha, M, kernel, 3.0, backend=backend), ref)
+                assert err <= REL_FRO[torch.float32], f"{op} {backend}: relative error {err:.3g}"

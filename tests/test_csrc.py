@@ -304,3 +304,67 @@ def test_compiled_pass_is_the_same_on_any_thread_count(gradient):
         torch.set_num_threads(saved)
     (a, na), (b, nb) = results
     assert torch.equal(a, b) and torch.equal(na, nb) and na.shape[0] == 43 * 64
+
+
+@needs_ext
+@pytest.mark.parametrize("kernel", KERNELS)
+@pytest.mark.parametrize("k", [1, 2, 4])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_tile_pass_sums_the_direct_part_for_one_output(kernel, k, threads):
+    """tile_pass_ with alpha and accumulators (one output) sums ((W o D_q) alpha)_j into the rows' (k, R) sums and,
+    mirrored, subtracts ((W o D_q)^T alpha)_i from the columns' (k, C) sums, instead of writing W o D_q: the same
+    numbers as the weighted differences of the dout path multiplied by alpha, on 1 and 2 threads, near entries
+    (weight 0) excluded."""
+    from rfm_fast.core.kernels import KernelSpec
+
+    spec = KernelSpec(kernel, 1.0)
+    gen = _seed("sums", kernel, k, threads)
+    R, C = 150, 333
+    zh = torch.randn(R, k, generator=gen, dtype=torch.float64)
+    xh = torch.randn(k, C, generator=gen, dtype=torch.float64)
+    s = torch.rand(R, C, generator=gen, dtype=torch.float64) * 3 + 0.1
+    s[::13, ::17] = -1e-9  # pushed below the bound below: near
+    bz, bx = torch.full((R,), 1e-12, dtype=torch.float64), torch.full((C,), 1e-12, dtype=torch.float64)
+    bz[::13] = 1.0  # rows with near entries: s + sum dhi^2 <= 1 somewhere
+    a_cols = torch.randn(C, generator=gen, dtype=torch.float64)
+    a_rows = torch.randn(R, generator=gen, dtype=torch.float64)
+    saved = torch.get_num_threads()
+    try:
+        torch.set_num_threads(threads)
+        t1 = (spec.tile_sign * s).clone()
+        dout = torch.empty(k, R, C, dtype=torch.float64)
+        n1 = torch.ops.rfm_fast.tile_pass_(t1, bz, bx, spec.tile_sign, spec.laplace, True, zh, xh, dout)
+        t2 = (spec.tile_sign * s).clone()
+        acc_rows = torch.full((k, R + 5), 0.5, dtype=torch.float64)[:, :R]  # strided planes, added to
+        acc_cols = torch.full((k, C), -0.25, dtype=torch.float64)
+        n2 = torch.ops.rfm_fast.tile_pass_(t2, bz, bx, spec.tile_sign, spec.laplace, True, zh, xh, None, a_cols,
+                                           a_rows, acc_rows, acc_cols)
+    finally:
+        torch.set_num_threads(saved)
+    assert n1.shape[0] > 0 and torch.equal(n1, n2) and torch.equal(t1, t2)
+    assert torch.allclose(acc_rows, 0.5 + dout @ a_cols, rtol=1e-12, atol=1e-12)
+    assert torch.allclose(acc_cols, -0.25 - torch.einsum("qrc,r->qc", dout, a_rows), rtol=1e-12, atol=1e-12)
+
+
+@needs_ext
+@pytest.mark.parametrize("same", [True, False], ids=["symmetric", "one-sided"])
+def test_cpp_gradients_of_one_output_sum_the_direct_part_in_the_pass(monkeypatch, same):
+    """Under a one-direction metric with one output the cpp gradient schedules let the pass sum the direct
+    coordinate's part (no weighted-difference tiles): the same gradients as the dout path, within float32 of float64."""
+    from rfm_fast.core import gradient
+
+    gen = _seed("cpp-sums", same)
+    X = torch.randn(400, 10, generator=gen)
+    Z = X if same else X[:150] + 1e-3
+    v = torch.randn(10, 1, generator=gen, dtype=torch.float64)
+    S = torch.cat([v, 1e-4 * torch.randn(10, 9, generator=gen, dtype=torch.float64)], 1).float()
+    alpha = torch.randn(400, 1, generator=gen)
+    ref = reference("kernel_grad", Z, X, alpha, (S.double() @ S.double().T), "laplace", 2.0)
+    used = []
+    original = gradient._accumulating
+    monkeypatch.setattr(gradient, "_accumulating", lambda *a: used.append(original(*a)) or used[-1])
+    fast = call("kernel_grad", Z, X, alpha, None, "laplace", 2.0, backend="cpp", M_factor=S)
+    assert used and all(used)
+    monkeypatch.setattr(gradient, "_accumulating", lambda *a: False)
+    slow = call("kernel_grad", Z, X, alpha, None, "laplace", 2.0, backend="cpp", M_factor=S)
+    assert rel_fro(fast, ref) <= REL_FRO[torch.float32] and rel_fro(fast, slow) <= 1e-6

@@ -53,6 +53,18 @@ HYBRID_REST_SHARE = 2.0**-8
 HYBRID_SAMPLE = 1024
 HYBRID_GRAM_R = 128
 HYBRID_PROBE = 256
+# Beyond HYBRID_GRAM_R coordinates the distance GEMM dwarfs a direct coordinate's passes, so the leading direction is
+# taken direct as soon as it holds all but HYBRID_WIDE_REST of the spread (a learned M at d = 784: 0.1% of all pairs
+# near without it, each recomputed exactly; none with it). When the rest holds at least HYBRID_FLOAT32_REST of the
+# spread, its coordinates are formed in float32 and only the direct ones in float64 (O(n d k) instead of O(n d r)).
+# float32 coordinates carry a rounding of ~eps |u| (|u| the whole norm), which moves s by up to 2 eps |u| / sqrt(s)
+# of itself; one more bound term, HYBRID_FLOAT32_RTOL (||u_e||^2 + ||t||^2), makes every pair that passes the near
+# test have s >= 2^-14 (N_z + N_x), so that stays within 2^-16 (as without direct coordinates). With a rest of at
+# least 2^-6 the usual term rtol_e ||u_e||^2 (2^-8) is about as large, so few pairs more are flagged; below it the
+# extra term would dominate, and the rest is formed in float64 instead.
+HYBRID_WIDE_REST = 0.5
+HYBRID_FLOAT32_REST = 2.0**-6
+HYBRID_FLOAT32_RTOL = 2.0**-14
 # float32 data whose expanded distances would carry a relative error above WIDE_ERROR in the kernel values get
 # their distance GEMMs in float64 (``Geometry.wide``): the expansion's absolute error in s is ~8 eps (||u_z||^2 +
 # ||u_x||^2) / 2 (measured: 1.3e-5 AGOP error at a mean ||u||^2 of 24, Gaussian), and a Gaussian value takes it
@@ -262,14 +274,26 @@ class Geometry:
         xs = x - centre_w
         zs = xs if same else z - centre_w
         sigma = spec.coord_scale
-        kdir = 0
+        kdir, rest = 0, 1.0
         if allow_direct:
             if factor.r <= DIRECT_MAX_R:
                 kdir = factor.r
             else:
-                factor, kdir = _hybrid(factor, xs, sigma)
+                factor, kdir, rest = _hybrid(factor, xs, sigma)
         ue64_x = ue64_z = None
-        if kdir:
+        t64_x = t64_z = None
+        rest32 = bool(kdir) and rest >= HYBRID_FLOAT32_REST and dtype == torch.float32
+        if rest32:
+            # float64 only for the direct coordinates: the rest holds enough of the spread for float32's (see
+            # HYBRID_FLOAT32_REST)
+            ue_x = factor.transform(xs, sigma)
+            ue_z = ue_x if same else factor.transform(zs, sigma)
+            t64_x = _leading64(x, centre, factor, kdir, sigma)
+            t64_z = t64_x if same else _leading64(z, centre, factor, kdir, sigma)
+            ue_x[:, :kdir] = t64_x
+            if not same:
+                ue_z[:, :kdir] = t64_z
+        elif kdir:
             # float64 coordinates, rounded once: the direct ones are their first kdir columns (as hi + lo pairs),
             # and the expansion part of a hybrid split has norms far below the data's offset from the centre,
             # which a float32 transform of (t - c) would leave as its error.
@@ -283,13 +307,16 @@ class Geometry:
         wide = allow_wide and dtype == torch.float32 and _wide_needed(ue_x, spec)
         if wide and ue64_x is None:  # float64 coordinates for the float64 distance GEMMs
             ue64_x, ue64_z, ue_x, ue_z = _coords64(z, x, same, centre, factor, sigma, dtype)
+            rest32 = False
+        if ue64_x is not None and kdir:
+            t64_x, t64_z = ue64_x[:, :kdir], ue64_z[:, :kdir]
         zt = xt = None
         rtol_e = spec.near_rtol(dtype, precision)
         rtol_d = spec.direct_rtol(dtype)
         tn_x = tn_z = None
         if kdir:
-            xt = _hi_lo(ue64_x[:, :kdir], dtype, ue_x[:, :kdir])
-            zt = xt if same else _hi_lo(ue64_z[:, :kdir], dtype, ue_z[:, :kdir])
+            xt = _hi_lo(t64_x, dtype, ue_x[:, :kdir])
+            zt = xt if same else _hi_lo(t64_z, dtype, ue_z[:, :kdir])
             tn_x = (xt[0] * xt[0]).sum(1)
             tn_z = tn_x if same else (zt[0] * zt[0]).sum(1)
         xe = ue_x[:, kdir:].contiguous()
@@ -297,12 +324,13 @@ class Geometry:
         if wide:
             rtol_e = spec.near_rtol(torch.float64)
         frame = _frame(ze, xe, same, rtol_e, rtol_d, tn_z, tn_x,
-                       *((None, None) if not wide else (ue64_z[:, kdir:].contiguous(), ue64_x[:, kdir:].contiguous())))
+                       *((None, None) if not wide else (ue64_z[:, kdir:].contiguous(), ue64_x[:, kdir:].contiguous())),
+                       rtol_full=HYBRID_FLOAT32_RTOL if rest32 else 0.0)
         geom = cls(spec, factor, z, x, same, [frame], zt, xt, kdir, None, None)
         geom.wide = wide
         geom.centre64 = centre
         if allow_frames and x.shape[0] >= 2 * MIN_FRAMED and factor.r > DIRECT_MAX_R and ue_x.numel():
-            geom._add_frames(ue_x, ue_z, spec.near_rtol(dtype, precision), rtol_d, ue64_x is not None, rtol_e,
+            geom._add_frames(ue_x, ue_z, spec.near_rtol(dtype, precision), rtol_d, kdir > 0 or wide, rtol_e,
                              centre)
         if (allow_band and kdir and geom.layout is None and not wide and z.shape[0]
                 and x.shape[0] >= band_min_n(allow_band, factor.r)):
@@ -625,14 +653,16 @@ def _order(t: torch.Tensor) -> torch.Tensor:
     return torch.sort(t).indices
 
 
-def _frame(ze, xe, same, rtol_e, rtol_d, tn_z, tn_x, ze64=None, xe64=None) -> Frame:
+def _frame(ze, xe, same, rtol_e, rtol_d, tn_z, tn_x, ze64=None, xe64=None, rtol_full: float = 0.0) -> Frame:
+    """The frame of expansion coordinates ze, xe, with bounds rtol_e ||u_e||^2 + rtol_d ||t||^2 (t: the direct
+    coordinates, norms tn) + rtol_full (||u_e||^2 + ||t||^2)."""
     xn = (xe * xe).sum(1)
     zn = xn if same else (ze * ze).sum(1)
-    bx = rtol_e * xn
-    bz = bx if same else rtol_e * zn
+    bx = (rtol_e + rtol_full) * xn
+    bz = bx if same else (rtol_e + rtol_full) * zn
     if tn_x is not None:
-        bx = bx + rtol_d * tn_x
-        bz = bx if same else bz + rtol_d * tn_z
+        bx = bx + (rtol_d + rtol_full) * tn_x
+        bz = bx if same else bz + (rtol_d + rtol_full) * tn_z
     return Frame(ze, xe, zn, xn, bz.contiguous(), bx.contiguous(), ze64, xe64)
 
 
@@ -688,6 +718,11 @@ def compensated_pair(z: torch.Tensor, x: torch.Tensor, same: bool, centre: torch
     return (zh, zl), (xh, xl)
 
 
+def _leading64(t: torch.Tensor, centre: torch.Tensor, factor: MetricFactor, k: int, sigma: float) -> torch.Tensor:
+    """The first k scaled coordinates (t - c) F[:, :k] sigma in float64 (one rounding): O(n d k)."""
+    return (t - centre) @ (factor.as_dense(t.device)[:, :k] * sigma)
+
+
 def _coords64(z, x, same, centre, factor: MetricFactor, sigma: float, dtype: torch.dtype) -> tuple:
     """(ue64_x, ue64_z, ue_x, ue_z): the scaled coordinates (t - c) F sigma of x and z in float64 (one rounding),
     and those rounded to ``dtype``."""
@@ -719,13 +754,15 @@ def _may_be_flat(factor: MetricFactor, xs: torch.Tensor, sigma: float) -> bool:
 
 
 def _hybrid(factor: MetricFactor, xs: torch.Tensor, sigma: float) -> tuple:
-    """(factor, k): the factor rotated so the data's k leading principal directions come first, when k <= 2 of
-    them hold all but HYBRID_REST_SHARE of the centres' spread; else (factor, 0). The test costs a few products
-    with the coordinates of a sample of centres (block power iteration, stopped as soon as the leading direction
-    is seen to hold too little); the rotation is computed only when it pays."""
+    """(factor, k, rest): the factor rotated so the data's k leading principal directions come first, when k <= 2
+    of them hold all but HYBRID_REST_SHARE of the centres' spread, or, for more than HYBRID_GRAM_R coordinates,
+    k = 1 when the leading one holds all but HYBRID_WIDE_REST; else (factor, 0, 1). ``rest``: the share of the
+    spread the other directions hold (in the sample). The test costs a few products with the coordinates of a
+    sample of centres (block power iteration, stopped as soon as the leading directions are seen to hold too
+    little); the rotation is computed only when it pays."""
     n = xs.shape[0]
     if n < 8:
-        return factor, 0
+        return factor, 0, 1.0
 
     def sample(size):
         return xs if n <= size else xs[torch.linspace(0, n - 1, size, device=xs.device).long()]
@@ -740,15 +777,15 @@ def _hybrid(factor: MetricFactor, xs: torch.Tensor, sigma: float) -> tuple:
         total64 = float(lead64.sum())
         for j in range(1, HYBRID_MAX_K + 1):
             if total64 > 0 and 1.0 - float(lead64[:j].sum()) / total64 <= HYBRID_REST_SHARE:
-                return factor.rotated(evecs.flip(1)), j
-        return factor, 0
+                return factor.rotated(evecs.flip(1)), j, 1.0 - float(lead64[:j].sum()) / total64
+        return factor, 0, 1.0
     if n > 4 * HYBRID_PROBE and not _may_be_flat(factor, xs, sigma):
-        return factor, 0
+        return factor, 0, 1.0
     u = factor.transform(sample(HYBRID_SAMPLE), sigma)
     u = u - u.mean(0, keepdim=True)
     total = float((u * u).sum())
     if not total > 0:
-        return factor, 0
+        return factor, 0, 1.0
     gen = torch.Generator(device="cpu").manual_seed(0)
     V = torch.randn(u.shape[1], HYBRID_MAX_K + 2, generator=gen, dtype=u.dtype).to(u.device)
     lead = None
@@ -758,14 +795,32 @@ def _hybrid(factor: MetricFactor, xs: torch.Tensor, sigma: float) -> tuple:
         # Rayleigh quotients only grow towards the eigenvalues: once even the top HYBRID_MAX_K of them would
         # need to grow past the total spread, no k qualifies.
         if float(lead[:HYBRID_MAX_K].sum()) < 0.5 * total:
-            return factor, 0
-    k = 0
+            return factor, 0, 1.0
+    # Ritz pairs of the block: the leading directions and the exact spread each holds in the sample.
+    P = (u @ V).to(torch.float64)
+    ritz, W = torch.linalg.eigh(P.T @ P)
+    ritz, W = ritz.flip(0).clamp_min(0), W.flip(1)
+    k, rest = 0, 1.0
     for j in range(1, HYBRID_MAX_K + 1):
-        if 1.0 - float(lead[:j].sum()) / total <= HYBRID_REST_SHARE:
-            k = j
+        if 1.0 - float(ritz[:j].sum()) / total <= HYBRID_REST_SHARE:
+            k, rest = j, 1.0 - float(ritz[:j].sum()) / total
             break
+    if k == 0 and 1.0 - float(ritz[0]) / total <= HYBRID_WIDE_REST:
+        k, rest = 1, 1.0 - float(ritz[0]) / total
     if k == 0:
-        return factor, 0
-    u64 = u.to(torch.float64)
-    evals, evecs = torch.linalg.eigh(u64.T @ u64)
-    return factor.rotated(evecs.flip(1)), k
+        return factor, 0, 1.0
+    return _lead_first(factor, V.to(torch.float64) @ W[:, :k]), k, rest
+
+
+def _lead_first(factor: MetricFactor, Y: torch.Tensor) -> MetricFactor:
+    """The factor F Q for an orthogonal Q (r x r) whose first columns span the orthonormal columns of Y (r, k),
+    Q[:, 0] = +-Y[:, 0]: Q is the product of the k Householder reflections of Y's QR (LAPACK geqrf), applied to F
+    one by one, O(d r k) instead of forming Q."""
+    a, tau = torch.geqrf(Y)
+    F = factor.as_dense(Y.device).clone()
+    for i in range(Y.shape[1]):
+        v = torch.zeros(Y.shape[0], dtype=F.dtype, device=F.device)
+        v[i] = 1.0
+        v[i + 1:] = a[i + 1:, i]
+        F -= float(tau[i]) * (F @ v)[:, None] * v[None, :]
+    return MetricFactor("dense", factor.d, factor.r, dense=F)

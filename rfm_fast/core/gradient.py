@@ -204,6 +204,11 @@ def _band_span(geom: Geometry, rows: slice, cols: slice) -> tuple:
     return (a - cols.start, b - cols.start) if a < b else (0, 0)
 
 
+def _accumulating(geom: Geometry, evaluator: TileEvaluator, c: int, pair_weights=None) -> bool:
+    """Whether the evaluator's pass sums the direct part itself (one output, no band, no pair weights)."""
+    return evaluator.accumulates_direct and c == 1 and geom.kdir > 0 and geom.band is None and pair_weights is None
+
+
 def _direct_and_band(geom, evaluator, coeffs, W, direct, rows, cols, alpha, acc, direct_acc, acc_cols=None,
                      direct_acc_cols=None) -> None:
     """For the finished weights W of tile (rows, cols): the direct coordinates' part ((W o D_k) alpha) of the
@@ -266,6 +271,8 @@ def _one_sided(geom, alpha, evaluator, budget, scratch_cells, pair_weights):
     # Transposed (k, c, rows): MKL runs the thin products alpha^T D^T 2-3x faster than D alpha.
     direct_acc_buf = torch.empty(k, c, plan.rows, dtype=dt, device=dev)
     out_buf = torch.empty(plan.rows, c, r, dtype=dt, device=dev)
+    summed = _accumulating(geom, evaluator, c, pair_weights)
+    alpha_vec = alpha[:, 0].contiguous() if summed else None
     for rows in plan.row_blocks(m):
         R = rows.stop - rows.start
         acc = acc_buf[:R].zero_()
@@ -275,7 +282,8 @@ def _one_sided(geom, alpha, evaluator, budget, scratch_cells, pair_weights):
             size = R * (cols.stop - cols.start)
             tile = tile_buf[:size].view(R, -1)
             direct = direct_buf[:, :size].view(k, R, cols.stop - cols.start)
-            near = evaluator.evaluate(rows, cols, tile, gradient=True, direct=direct)
+            sums = {"accumulate": (alpha_vec, direct_acc[:, 0], None)} if summed else {}
+            near = evaluator.evaluate(rows, cols, tile, gradient=True, direct=direct, **sums)
             pw = None
             if pair_weights is not None:
                 block = pair_weights[rows, cols]
@@ -283,7 +291,8 @@ def _one_sided(geom, alpha, evaluator, budget, scratch_cells, pair_weights):
                 pw = None if near is None else block[near.rows, near.cols]
             if near is not None:
                 _add_near(geom, acc, direct_acc, near, alpha[cols], weights=pw, width=coeffs.coords.width)
-            _direct_and_band(geom, evaluator, coeffs, tile, direct, rows, cols, alpha, acc, direct_acc)
+            if not summed:
+                _direct_and_band(geom, evaluator, coeffs, tile, direct, rows, cols, alpha, acc, direct_acc)
             if coeffs.needed:
                 _tile_products(geom, acc, tile, coeffs, rows, cols, alpha, P)
         yield rows, _finish(geom, rows, acc, direct_acc, c, out_buf, coeffs, P)
@@ -325,6 +334,8 @@ def _symmetric(geom, alpha, evaluator, budget, plan, scratch_cells):
     out_buf = torch.empty(B, c, r, dtype=dt, device=dev)
     nb = _buckets(geom)
     P_buf = torch.empty(nb, rows_total, c, dtype=dt, device=dev) if nb else None
+    summed = _accumulating(geom, evaluator, c)
+    alpha_vec = alpha[:, 0].contiguous() if summed else None
 
     for group in plan.groups(len(blocks)):
         g0 = blocks[group[0]].start
@@ -342,17 +353,21 @@ def _symmetric(geom, alpha, evaluator, budget, plan, scratch_cells):
                 view = tile[s0 - rows.start:part.stop - rows.start]
                 size = view.numel()
                 direct = direct_buf[:, :size].view(k, *view.shape)
-                near = evaluator.evaluate(part, cols, view, gradient=True, direct=direct)
                 lp = slice(part.start - g0, part.stop - g0)
+                sums = {}
+                if summed:  # only evaluators that accumulate take the argument
+                    sums["accumulate"] = (alpha_vec, direct_acc[:, 0, lp], direct_acc[:, 0, lc] if mirrored else None)
+                near = evaluator.evaluate(part, cols, view, gradient=True, direct=direct, **sums)
                 if near is not None:
                     _add_near(geom, acc[lp], direct_acc[:, :, lp], near, alpha[cols], width=coeffs.coords.width)
                     if mirrored:
                         flipped = NearPairs(near.cols, near.rows, near.s, near.diff)
                         _add_near(geom, acc[lc], direct_acc[:, :, lc], flipped, alpha[part], sign=-1.0,
                                   width=coeffs.coords.width)
-                _direct_and_band(geom, evaluator, coeffs, view, direct, part, cols, alpha, acc[lp],
-                                 direct_acc[:, :, lp], acc[lc] if mirrored else None,
-                                 direct_acc[:, :, lc] if mirrored else None)
+                if not summed:
+                    _direct_and_band(geom, evaluator, coeffs, view, direct, part, cols, alpha, acc[lp],
+                                     direct_acc[:, :, lp], acc[lc] if mirrored else None,
+                                     direct_acc[:, :, lc] if mirrored else None)
             if coeffs.needed:
                 lr = slice(rows.start - g0, rows.stop - g0)
                 _tile_products(geom, acc[lr], tile, coeffs, rows, cols, alpha, None if P is None else P[:, lr],

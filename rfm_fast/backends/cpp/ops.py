@@ -17,11 +17,20 @@ class CompiledPass:
     tiles, the weighted differences) in the same pass (``fuses_direct``)."""
 
     fuses_direct = True
+    # For one output it can also sum the direct coordinates' part of the gradient in the same pass
+    # (``accumulate``: alpha of the columns, the rows' (k, R) sums, and for the mirrored side alpha of the rows and
+    # the columns' (k, C) sums), instead of writing w * dhi for the core's products.
+    accumulates_direct = True
 
-    def __call__(self, tile, bz, bx, spec: KernelSpec, gradient: bool, direct=None):
+    def __call__(self, tile, bz, bx, spec: KernelSpec, gradient: bool, direct=None, accumulate=None):
         if direct is None:
             return torch.ops.rfm_fast.tile_pass_(tile, bz, bx, spec.tile_sign, spec.laplace, gradient)
         zh, xh, dout = direct
+        if accumulate is not None:
+            a_cols, acc_rows, a_rows, acc_cols = accumulate
+            return torch.ops.rfm_fast.tile_pass_(tile, bz, bx, spec.tile_sign, spec.laplace, gradient,
+                                                 zh.contiguous(), xh.T.contiguous(), None, a_cols, a_rows, acc_rows,
+                                                 acc_cols)
         return torch.ops.rfm_fast.tile_pass_(tile, bz, bx, spec.tile_sign, spec.laplace, gradient,
                                              zh.contiguous(), xh.T.contiguous(), dout)
 
