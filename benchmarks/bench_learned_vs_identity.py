@@ -6,8 +6,8 @@ Each round times every (backend, metric, op) once, in turn, so slow phases of a 
 table gives medians and learned / identity. Every call prepares its geometry (inside a solver, ``reuse()`` pays that
 once); the factor of M is computed once per M tensor (``rfm_fast.core.metric``), as in an RFM iteration.
 
-    python benchmarks/bench_learned_vs_identity.py --shapes 4000x64x10 1280x10x1 16000x64x10:5 8000x10x1:7 \
-        --rounds 21 --csv benchmarks/results/learned_vs_identity.csv
+    python benchmarks/bench_learned_vs_identity.py --shapes 4000x64x10 1280x10x1 4000x10x1:11 8000x10x1:7 \
+        16000x64x10:5 4000x784x10:5 --rounds 21 --csv benchmarks/results/learned_vs_identity.csv
 """
 
 from __future__ import annotations
