@@ -311,10 +311,12 @@ def worth_searching(u: torch.Tensor, near_rtol: float) -> bool:
     if near_rtol * 2.0 * float(norms.mean()) >= NORM_LIMIT:
         return True
     total = norms[:, None] + norms[None, :]
-    s = total - 2.0 * (P @ P.T)
-    off = ~torch.eye(P.shape[0], dtype=torch.bool, device=u.device)
-    flagged = (s <= near_rtol * total) & off
-    return float(flagged.sum()) / max(1, int(off.sum())) >= FRAME_SHARE / 8
+    s = torch.addmm(total, P, P.T, alpha=-2.0)
+    flagged = s <= total.mul_(near_rtol)
+    # off-diagonal pairs only: the diagonal's own flags are subtracted (no mask of the sample's size)
+    count = int(flagged.sum()) - int(flagged.diagonal().sum())
+    pairs = P.shape[0] * (P.shape[0] - 1)
+    return count / max(1, pairs) >= FRAME_SHARE / 8
 
 
 def framed_components(u: torch.Tensor, labels: torch.Tensor, count: int, near_rtol: float,
