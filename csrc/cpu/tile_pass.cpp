@@ -51,9 +51,9 @@ int sum_row(T* row, T bj, const T* bx, int64_t C, T sign, T z0, T z1, T z2, T z3
   const T* ac = dir.alpha_cols;
   const T aj = Mirror ? dir.alpha_rows[j] : T(0);
   T* c0 = col_acc;
-  T* c1 = col_acc + C;
-  T* c2 = col_acc + 2 * C;
-  T* c3 = col_acc + 3 * C;
+  T* c1 = Mirror ? col_acc + C : nullptr;
+  T* c2 = Mirror ? col_acc + 2 * C : nullptr;
+  T* c3 = Mirror ? col_acc + 3 * C : nullptr;
   T a0 = T(0), a1 = T(0), a2 = T(0), a3 = T(0);
   int any_near = 0;
 #pragma omp simd reduction(| : any_near) reduction(+ : a0, a1, a2, a3)
