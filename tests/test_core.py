@@ -251,11 +251,12 @@ def test_the_near_band_test_fails_under_a_weakened_threshold(monkeypatch):
 
 # ---- the geometry's decisions ---------------------------------------------------------------------------------
 
-def _one_direction_metric(d: int, gen: torch.Generator) -> torch.Tensor:
-    """S (d, d), float32: M = S S^T with one direction dominating the rest by 1e8 (like a metric RFM learns on a
-    target that depends on one direction), so the geometry forms that direction directly."""
-    v = torch.randn(d, 1, generator=gen, dtype=torch.float64)
-    rest = 1e-4 * torch.randn(d, d - 1, generator=gen, dtype=torch.float64) / math.sqrt(d)
+def _one_direction_metric(d: int, gen: torch.Generator, directions: int = 1) -> torch.Tensor:
+    """S (d, d), float32: M = S S^T with one direction (or ``directions``, of decreasing weight) dominating the rest
+    by 1e8 (like a metric RFM learns on a target that depends on one direction), so the geometry forms that
+    direction directly."""
+    v = torch.randn(d, directions, generator=gen, dtype=torch.float64) / torch.arange(1, directions + 1)
+    rest = 1e-4 * torch.randn(d, d - directions, generator=gen, dtype=torch.float64) / math.sqrt(d)
     return torch.cat([v, rest], 1).float()
 
 
@@ -269,15 +270,15 @@ def _band_points(gen: torch.Generator, n: int, d: int) -> torch.Tensor:
     return X.float()
 
 
-def _band_problem(seed: int, n: int, d: int = 12) -> tuple:
+def _band_problem(seed: int, n: int, d: int = 12, directions: int = 1) -> tuple:
     """(X, Z, alpha, S, M64): band points, 300 evaluation points of them (every fifth moved by 1e-5), 3 outputs, a
-    one-direction factor S and M = S S^T in float64."""
+    factor S with ``directions`` dominating ones and M = S S^T in float64."""
     gen = _gen(seed)
     X = _band_points(gen, n, d)
     Z = X[:300].clone()
     Z[::5] += 1e-5
     alpha = torch.randn(n, 3, generator=gen)
-    S = _one_direction_metric(d, gen)
+    S = _one_direction_metric(d, gen, directions)
     return X, Z, alpha, S, S.double() @ S.double().T
 
 
@@ -353,16 +354,17 @@ def _band_thresholds_low(monkeypatch) -> None:
 
 @pytest.mark.parametrize("kernel", KERNELS)
 @pytest.mark.parametrize("op,kw", [("kernel_grad", {}), ("agop", {}), ("agop", {"centered": True})])
-def test_band_of_a_learned_metric_keeps_gradient_ops_exact(kernel, op, kw, monkeypatch):
+@pytest.mark.parametrize("directions", [1, 2])
+def test_band_of_a_learned_metric_keeps_gradient_ops_exact(kernel, op, kw, directions, monkeypatch):
     """Gradient tiles of the torch pass under a one-direction metric take the band too: the pairs outside a strip's
     band get the direct coordinate's part by expansion from the whole-tile product, the band's pairs by direct
     differences (their weights zeroed before that product). float32 within the usual tolerance of float64, with
     self pairs, duplicates and near-duplicates, centres equal to the evaluation points or not, and the centred
-    AGOP (its sample of rows keeps the band)."""
+    AGOP (its sample of rows keeps the band); one or two direct coordinates."""
     _band_thresholds_low(monkeypatch)
-    X, Z, alpha, S, M64 = _band_problem(24, 600)
+    X, Z, alpha, S, M64 = _band_problem(24, 600, directions=directions)
     geom = Geometry.build(X, X, S @ S.T, KernelSpec(kernel, 3.0), allow_band="gradient")
-    assert geom.band is not None and geom.kdir == 1
+    assert geom.band is not None and geom.kdir == directions
     for z in (X, Z):
         out = call(op, z, X, alpha, None, kernel, 3.0, backend="torch", M_factor=S, **kw)
         ref = reference(op, z, X, alpha, M64, kernel, 3.0, **kw)
