@@ -19,8 +19,8 @@ For evaluation points z (m, d) and centres x (n, d), ``Geometry`` holds, once pe
 * with direct coordinates and no centring frames, the *band* (``Band``): the points sorted by the leading direct
   coordinate t, and for a strip of rows the run of columns whose pairs can be near in the plain expansion (t within
   a margin of the strip's range). Pairs outside it are evaluated with every coordinate in the expansion (frame
-  ``Band.FRAME``: no direct passes, the near test of the full norms finds none of them near but the rare truly
-  close pair), pairs inside it with the direct coordinates. Only time depends on the band, never a result's rule.
+  ``Band.FRAME``: no direct passes, and no near test, which a certificate shows none of them could pass), pairs
+  inside it with the direct coordinates. Only time depends on the band, never a result's rule.
 
 Everything else (tiles, schedules, backends) reads these arrays; none of them re-derives a rule.
 """
@@ -282,18 +282,10 @@ class Geometry:
                 factor, kdir, rest = _hybrid(factor, xs, sigma)
         ue64_x = ue64_z = None
         t64_x = t64_z = None
+        # float64 only for the direct coordinates when the rest holds enough of the spread for float32's (see
+        # HYBRID_FLOAT32_REST)
         rest32 = bool(kdir) and rest >= HYBRID_FLOAT32_REST and dtype == torch.float32
-        if rest32:
-            # float64 only for the direct coordinates: the rest holds enough of the spread for float32's (see
-            # HYBRID_FLOAT32_REST)
-            ue_x = factor.transform(xs, sigma)
-            ue_z = ue_x if same else factor.transform(zs, sigma)
-            t64_x = _leading64(x, centre, factor, kdir, sigma)
-            t64_z = t64_x if same else _leading64(z, centre, factor, kdir, sigma)
-            ue_x[:, :kdir] = t64_x
-            if not same:
-                ue_z[:, :kdir] = t64_z
-        elif kdir:
+        if kdir and not rest32:
             # float64 coordinates, rounded once: the direct ones are their first kdir columns (as hi + lo pairs),
             # and the expansion part of a hybrid split has norms far below the data's offset from the centre,
             # which a float32 transform of (t - c) would leave as its error.
@@ -301,6 +293,12 @@ class Geometry:
         else:
             ue_x = factor.transform(xs, sigma)
             ue_z = ue_x if same else factor.transform(zs, sigma)
+        if rest32:
+            t64_x = _leading64(x, centre, factor, kdir, sigma)
+            t64_z = t64_x if same else _leading64(z, centre, factor, kdir, sigma)
+            ue_x[:, :kdir] = t64_x
+            if not same:
+                ue_z[:, :kdir] = t64_z
         _check_range(ue_x, "centers")
         if not same:
             _check_range(ue_z, "x")
@@ -365,6 +363,7 @@ class Geometry:
         full.direct, full.certified = False, True
         self.frames = [hybrid, full]
         self.perm_x, self.perm_z = perm_x, perm_z
+
         def largest_rest(norms, t):
             # E of one side: the largest rest of a full norm beyond t^2 (the hybrid norm, any second direct one)
             return float((norms + (t[:, 1:] * t[:, 1:]).sum(1)).max())
@@ -569,12 +568,12 @@ class Geometry:
         if projected < points / 2 or points * self.r * 8 > EXACT_COORDS_MAX_BYTES:
             return None
         sigma = self.spec.coord_scale
-        ux = self.factor.transform(_minus64(self.x, self.centre64), sigma)
+        ux = _scaled64(self.x, self.centre64, self.factor, sigma)
         nx = (ux * ux).sum(1)
         if self.same:
             self._coords64 = (ux, nx, ux, nx)
         else:
-            uz = self.factor.transform(_minus64(self.z, self.centre64), sigma)
+            uz = _scaled64(self.z, self.centre64, self.factor, sigma)
             self._coords64 = (uz, (uz * uz).sum(1), ux, nx)
         return self._coords64
 
@@ -724,6 +723,11 @@ def _minus64(t: torch.Tensor, centre: torch.Tensor) -> torch.Tensor:
     return t.to(torch.float64) - centre
 
 
+def _scaled64(t: torch.Tensor, centre: torch.Tensor, factor: MetricFactor, sigma: float) -> torch.Tensor:
+    """The scaled coordinates (t - c) F sigma in float64 (one rounding)."""
+    return factor.transform(_minus64(t, centre), sigma)
+
+
 def _leading64(t: torch.Tensor, centre: torch.Tensor, factor: MetricFactor, k: int, sigma: float) -> torch.Tensor:
     """The first k scaled coordinates (t - c) F[:, :k] sigma in float64 (one rounding): O(n d k)."""
     return _minus64(t, centre) @ (factor.as_dense(t.device)[:, :k] * sigma)
@@ -732,8 +736,8 @@ def _leading64(t: torch.Tensor, centre: torch.Tensor, factor: MetricFactor, k: i
 def _coords64(z, x, same, centre, factor: MetricFactor, sigma: float, dtype: torch.dtype) -> tuple:
     """(ue64_x, ue64_z, ue_x, ue_z): the scaled coordinates (t - c) F sigma of x and z in float64 (one rounding),
     and those rounded to ``dtype``."""
-    ue64_x = factor.transform(_minus64(x, centre), sigma)
-    ue64_z = ue64_x if same else factor.transform(_minus64(z, centre), sigma)
+    ue64_x = _scaled64(x, centre, factor, sigma)
+    ue64_z = ue64_x if same else _scaled64(z, centre, factor, sigma)
     ue_x = ue64_x.to(dtype)
     return ue64_x, ue64_z, ue_x, (ue_x if same else ue64_z.to(dtype))
 
@@ -811,13 +815,11 @@ def _hybrid(factor: MetricFactor, xs: torch.Tensor, sigma: float) -> tuple:
     P = (u @ V).to(torch.float64)
     ritz, W = torch.linalg.eigh(P.T @ P)
     ritz, W = ritz.flip(0).clamp_min(0), W.flip(1)
-    k, rest = 0, 1.0
-    for j in range(1, HYBRID_MAX_K + 1):
-        if 1.0 - float(ritz[:j].sum()) / total <= HYBRID_REST_SHARE:
-            k, rest = j, 1.0 - float(ritz[:j].sum()) / total
-            break
-    if k == 0 and 1.0 - float(ritz[0]) / total <= HYBRID_WIDE_REST:
-        k, rest = 1, 1.0 - float(ritz[0]) / total
+    rests = (1.0 - torch.cumsum(ritz[:HYBRID_MAX_K], 0) / total).tolist()  # spread left beyond j directions
+    k = next((j for j in range(1, len(rests) + 1) if rests[j - 1] <= HYBRID_REST_SHARE), 0)
+    if k == 0 and rests[0] <= HYBRID_WIDE_REST:
+        k = 1
+    rest = rests[k - 1] if k else 1.0
     if k == 0:
         return factor, 0, 1.0
     return _lead_first(factor, V.to(torch.float64) @ W[:, :k]), k, rest

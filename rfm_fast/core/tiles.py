@@ -169,9 +169,9 @@ class TileEvaluator:
         the GEMM's own store), one pass fewer than adding them afterwards; with -1 that would need beta = -1,
         which BLAS applies as a pass of its own, so the squares are added after the GEMMs.
 
-        A geometry with a band (value tiles only) takes the whole tile from one GEMM in the band's frame (every
-        coordinate in the expansion: one call, since a BLAS call costs about as much for a third of the columns),
-        then overwrites the band's run of columns, if the tile has one, as above."""
+        A geometry with a band takes the whole tile from one GEMM in the band's frame (every coordinate in the
+        expansion: one call, since a BLAS call costs about as much for a third of the columns), then overwrites the
+        band's run of columns, if the tile has one, as above."""
         geom = self.geom
         if geom.band is not None:
             aug = self._aug(geom.zt[1] is not None)[geom.band.FRAME]
@@ -287,8 +287,8 @@ class TileEvaluator:
                 r1, c1 = seg.rows.stop - rows.start, seg.cols.stop - cols.start
                 if gradient and accumulate is not None:
                     a, acc_rows, acc_cols = accumulate
-                    acc = (a[seg.cols], acc_rows[:, r0:r1], None if acc_cols is None else a[seg.rows],
-                           None if acc_cols is None else acc_cols[:, c0:c1])
+                    mirrored = (None, None) if acc_cols is None else (a[seg.rows], acc_cols[:, c0:c1])
+                    acc = (a[seg.cols], acc_rows[:, r0:r1], *mirrored)
                 elif gradient:
                     dout = direct[:, r0:r1, c0:c1]
                 extra = {} if acc is None else {"accumulate": acc}
