@@ -305,17 +305,23 @@ def worth_searching(u: torch.Tensor, near_rtol: float) -> bool:
     centres (evenly spaced in their order), at least FRAME_SHARE / 8 fail the near test, or the mean absolute
     error reaches NORM_LIMIT (see FRAME_GAIN). Random data pass neither and skip the search. The sample's
     distances come from one Gram matrix: accurate enough to tell a pair near the bound from one far above it."""
-    n = u.shape[0]
-    P = u[torch.linspace(0, n - 1, min(n, SEARCH_SAMPLE), device=u.device).long()]
+    n, r = u.shape
+    k = min(n, SEARCH_SAMPLE)
+    P = u[torch.linspace(0, n - 1, k, device=u.device).long()]
     norms = (P * P).sum(1)
     if near_rtol * 2.0 * float(norms.mean()) >= NORM_LIMIT:
         return True
-    total = norms[:, None] + norms[None, :]
-    s = torch.addmm(total, P, P.T, alpha=-2.0)
-    flagged = s <= total.mul_(near_rtol)
-    # off-diagonal pairs only: the diagonal's own flags are subtracted (no mask of the sample's size)
-    count = int(flagged.sum()) - int(flagged.diagonal().sum())
-    pairs = P.shape[0] * (P.shape[0] - 1)
+    # One product gives s_ij - rtol (|p_i|^2 + |p_j|^2) = (1 - rtol)(|p_i|^2 + |p_j|^2) - 2 p_i.p_j, flagged when
+    # <= 0 (two small passes over the sample's k x k pairs instead of six).
+    keep = norms * (1.0 - near_rtol)
+    a = torch.empty(k, r + 2, dtype=u.dtype, device=u.device)
+    b = torch.empty(k, r + 2, dtype=u.dtype, device=u.device)
+    a[:, :r], a[:, r], a[:, r + 1] = P, keep, 1.0
+    torch.mul(P, -2.0, out=b[:, :r])
+    b[:, r], b[:, r + 1] = 1.0, keep
+    # off-diagonal pairs only: every diagonal entry (-2 rtol |p_i|^2, to rounding far below it) is flagged
+    count = int(torch.count_nonzero(a @ b.T <= 0)) - k
+    pairs = k * (k - 1)
     return count / max(1, pairs) >= FRAME_SHARE / 8
 
 
