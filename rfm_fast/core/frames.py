@@ -312,7 +312,7 @@ def worth_searching(u: torch.Tensor, near_rtol: float) -> bool:
     if near_rtol * 2.0 * float(norms.mean()) >= NORM_LIMIT:
         return True
     # One product gives s_ij - rtol (|p_i|^2 + |p_j|^2) = (1 - rtol)(|p_i|^2 + |p_j|^2) - 2 p_i.p_j, flagged when
-    # <= 0 (two small passes over the sample's k x k pairs instead of six).
+    # <= 0: three passes over the sample's k x k pairs (product, comparison, count) instead of five.
     keep = norms * (1.0 - near_rtol)
     a = torch.empty(k, r + 2, dtype=u.dtype, device=u.device)
     b = torch.empty(k, r + 2, dtype=u.dtype, device=u.device)
