@@ -4,7 +4,9 @@ The learned M is the last of ``bench_rank.learned_metrics`` on the first 4000 po
 L = 10, reg 1e-3, M <- AGOP / max); by default n = m = 4000, d = 64, c = 10 (``--shapes``), float32, x = centres.
 Each round times every (backend, metric, op) once, in turn, so slow phases of a shared machine hit all of them; the
 table gives medians and learned / identity. Every call prepares its geometry (inside a solver, ``reuse()`` pays that
-once); the factor of M is computed once per M tensor (``rfm_fast.core.metric``), as in an RFM iteration.
+once); the factor of M is computed once per M tensor (``rfm_fast.core.metric``), and the choice of its
+directly formed coordinates once per (M, centres) (``geometry._hybrid_of``), as in an RFM iteration, whose solve,
+AGOP and predictions share both.
 
     python benchmarks/bench_learned_vs_identity.py --shapes 4000x64x10 1280x10x1 4000x10x1:11 8000x10x1:7 \
         16000x64x10:5 4000x784x10:5 --rounds 21 --csv benchmarks/results/learned_vs_identity.csv

@@ -504,6 +504,30 @@ def test_symmetric_schedule_streams_in_groups_under_a_small_budget(monkeypatch):
     assert rel_fro(small, big) <= 1e-12
 
 
+@pytest.mark.parametrize("backend", FAST)
+@pytest.mark.parametrize("metric", ["identity", "learned"])
+def test_symmetric_mat_vec_halves_diagonal_blocks_exactly(backend, metric, monkeypatch):
+    """Small blocks cut into strips (each strip against its own square and the block's later rows, mirrored):
+    duplicates and near pairs in different strips of one block, and across blocks, give the float64 answer."""
+    from rfm_fast.core import matvec, plan as planner
+
+    monkeypatch.setitem(planner.SYMMETRIC_BLOCK, "cpu", 96)
+    monkeypatch.setattr(matvec, "strip_rows", lambda device: 32)
+    gen = _gen(21)
+    X = torch.randn(250, 6, generator=gen)
+    X[40] = X[5]  # one block (0..95), different strips
+    X[70] = X[5] + 1e-4
+    X[200] = X[10]  # across blocks
+    alpha = torch.randn(250, 3, generator=gen)
+    M = None
+    if metric == "learned":
+        w = torch.randn(6, 1, generator=gen, dtype=torch.float64)
+        M = w @ w.T + 1e-7 * torch.eye(6, dtype=torch.float64)
+    got = rfm_fast.kernel_mv(X, X, alpha, M=M, bandwidth=3.0, backend=backend)
+    want = rfm_fast.kernel_matrix(X.double(), X.double(), M=M, bandwidth=3.0, backend="torch") @ alpha.double()
+    assert rel_fro(got.double(), want) <= 2e-6
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_frames_found_on_a_sketch_of_wide_features(backend):
     """d = 300 (> 2 x the sketch's 32 columns): the component search runs on the principal sketch; it must still
@@ -642,6 +666,30 @@ def test_dense_factor_is_reused_only_for_the_same_unchanged_tensor():
     assert key in metric._DENSE_FACTORS
     del M  # a freed tensor takes its entry with it
     assert key not in metric._DENSE_FACTORS
+
+
+def test_hybrid_decision_is_kept_only_for_the_same_unchanged_centres(monkeypatch):
+    """The choice of directly formed coordinates is made once per (factor, centres) and again after an in-place
+    change of the centres; results match a fresh decision either way."""
+    from rfm_fast.core import geometry
+
+    g = torch.Generator().manual_seed(11)
+    X = torch.randn(300, 8, generator=g)
+    w = torch.randn(8, 1, generator=g, dtype=torch.float64)
+    M = w @ w.T + 1e-6 * torch.eye(8, dtype=torch.float64)  # near rank 1: one leading direction taken direct
+    alpha = torch.randn(300, 2, generator=g)
+    calls = []
+    inner = geometry._hybrid
+    monkeypatch.setattr(geometry, "_hybrid", lambda *a: calls.append(1) or inner(*a))
+    first = rfm_fast.agop(X, X, alpha, M=M, bandwidth=2.0, backend="torch")
+    second = rfm_fast.agop(X, X, alpha, M=M, bandwidth=2.0, backend="torch")
+    assert len(calls) == 1 and torch.equal(first, second)
+    assert geometry.Geometry.build(X, X, M, KernelSpec("laplace", 2.0)).kdir == 1 and len(calls) == 1
+    X.mul_(1.5)  # in place: decided again
+    after = rfm_fast.agop(X, X, alpha, M=M, bandwidth=2.0, backend="torch")
+    assert len(calls) == 2
+    want = rfm_fast.agop(X.double(), X.double(), alpha.double(), M=M, bandwidth=2.0, backend="torch")
+    assert torch.allclose(after.double(), want, rtol=1e-4, atol=1e-6 * float(want.abs().max()))
 
 
 @pytest.mark.parametrize("backend", FAST)

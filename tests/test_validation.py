@@ -138,3 +138,36 @@ def test_finiteness_check_by_one_sum_and_its_fallback():
     assert not all_finite(torch.tensor([float("inf"), float("-inf")]))
     with pytest.raises(ValueError, match="NaN or inf"):
         rfm_fast.kernel_mv(torch.tensor([[0.0, float("inf"), 1.0]], dtype=torch.float64), X, A)
+
+
+def test_checked_metric_is_reused_only_while_the_tensor_is_unchanged():
+    """A checked M is kept for the same unchanged tensor (so a cast copy, and with it the eigendecomposition of the
+    factor cache, is made once); an in-place change is checked again, and a freed tensor drops its entry."""
+    from rfm_fast import _validation
+    from rfm_fast.core import metric
+
+    g = torch.Generator().manual_seed(5)
+    B = torch.randn(3, 3, generator=g)
+    M = B @ B.T + torch.eye(3)  # float32, the work float64: the check hands on a float64 copy
+    first = _validation._check_M(M, 3, X)
+    assert first.dtype == torch.float64 and first is not M
+    assert _validation._check_M(M, 3, X) is first
+    assert _validation._check_M(M, 3, X.float()) is M  # float32 work takes M itself
+    factor = metric.MetricFactor.from_matrix(first, 3, torch.float64, X.device)
+    assert metric.MetricFactor.from_matrix(_validation._check_M(M, 3, X), 3, torch.float64, X.device) is factor
+    want = rfm_fast.kernel_mv(X, X, A, M=M.double())
+    assert torch.allclose(rfm_fast.kernel_mv(X, X, A, M=M), want, rtol=1e-6, atol=1e-8)
+    M[0, 1] += 1.0  # in place, now asymmetric: checked again
+    with pytest.raises(ValueError, match="symmetric"):
+        rfm_fast.kernel_mv(X, X, A, M=M)
+    M[1, 0] += 1.0
+    second = _validation._check_M(M, 3, X)
+    assert second is not first and torch.equal(second, M.double())
+    key = id(M)
+    assert key in _validation._CHECKED_M
+    del M
+    assert key not in _validation._CHECKED_M
+    assert len(_validation._CHECKED_M) <= _validation.CHECKED_M_CACHE
+    W = (B @ B.T).requires_grad_()  # checked every time: a cached cast would carry a stale graph
+    assert _validation._check_M(W, 3, X).requires_grad
+    assert id(W) not in _validation._CHECKED_M

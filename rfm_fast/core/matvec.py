@@ -4,8 +4,9 @@ Mat-vec: per tile one distance fill, the value pass, and one thin GEMM into the 
 (alpha^T K_tile^T into out^T: MKL runs those 2-3x faster than K_tile alpha, c = 10, 2 cores). When the evaluation
 points are the centres (every kernel ridge solve) K is symmetric: each tile between two blocks is computed once,
 a strip of rows at a time, and both of its products are taken while the strip is in cache (out_I += K_IJ alpha_J,
-out_J += K_IJ^T alpha_I), halving the distance GEMMs and the value passes that dominate this op. The output is the
-only accumulator, so this needs no more memory than the one-sided schedule.
+out_J += K_IJ^T alpha_I), halving the distance GEMMs and the value passes that dominate this op; a diagonal block's
+strips take only their own square and the block's later rows (``_symmetric``). The output is the only accumulator,
+so this needs no more memory than the one-sided schedule.
 
 Kernel matrix: the (m, n) output is the result; it is filled in full-width row blocks, in place.
 
@@ -50,6 +51,9 @@ def kernel_mv(geom: Geometry, alpha: torch.Tensor, evaluator: TileEvaluator, bud
 
 
 def _symmetric(evaluator, geom, plan, alpha_t, out_t, strip):
+    """Each pair of blocks once; within a diagonal block, each strip against its own rows and the block's rows
+    after them (the columns past its own square mirrored), so a diagonal block costs B (B + strip) / 2 pairs
+    instead of B^2 (25% fewer for a 1024-block in 512-row strips)."""
     blocks = geom.blocks(plan.block)
     B = plan.block
     buf = torch.empty(strip * B, dtype=out_t.dtype, device=out_t.device)
@@ -59,13 +63,17 @@ def _symmetric(evaluator, geom, plan, alpha_t, out_t, strip):
         for s0 in range(rows.start, rows.stop, strip):
             part = slice(s0, min(rows.stop, s0 + strip))
             R = part.stop - part.start
-            size = R * (cols.stop - cols.start)
+            # a diagonal block: the strip's own square, then the block's later rows (mirrored from local column R)
+            span = cols if I != J else slice(s0, cols.stop)
+            size = R * (span.stop - span.start)
             view = buf[:size].view(R, -1)
-            evaluator.evaluate(part, cols, view, gradient=False,
+            evaluator.evaluate(part, span, view, gradient=False,
                                direct=[b[:size].view(R, -1) for b in direct_buf])
-            out_t[:, part].addmm_(alpha_t[:, cols], view.T)
+            out_t[:, part].addmm_(alpha_t[:, span], view.T)
             if mirrored:
-                out_t[:, cols].addmm_(alpha_t[:, part], view)
+                out_t[:, span].addmm_(alpha_t[:, part], view)
+            elif I == J and part.stop < span.stop:
+                out_t[:, part.stop:span.stop].addmm_(alpha_t[:, part], view[:, R:])
 
 
 def kernel_matrix(geom: Geometry, evaluator: TileEvaluator, budget: int) -> torch.Tensor:

@@ -62,6 +62,8 @@ class MetricFactor:
         self.kind, self.d, self.r = kind, d, r
         self.dense, self.keep, self.root = dense, keep, root
         self.source = source  # the caller's (d, r) factor S when the metric was given as M = S S^T
+        # results derived from this factor and a set of centres, kept with it (``geometry._hybrid_of``)
+        self.memo: dict = {}
 
     @classmethod
     def from_factor(cls, S: torch.Tensor, dtype: torch.dtype, device: torch.device) -> "MetricFactor":
